@@ -42,7 +42,9 @@ def resolve_device(spec: str | None = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise UsageError(f"--device {spec!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+        raise UsageError(
+            f"--device {spec!r} is not a device (use auto, cpu, cuda, cuda:N or mps)"
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError("--device cuda was asked for but no CUDA GPU is available")
@@ -114,7 +116,12 @@ def load_model(
             return _CACHE[key]
         _ensure_builders()
         path = Path(name)
-        if isinstance(name, Path) or path.exists() or "/" in str(name) or str(name).endswith(".safetensors"):
+        if (
+            isinstance(name, Path)
+            or path.exists()
+            or "/" in str(name)
+            or str(name).endswith(".safetensors")
+        ):
             if not path.exists():
                 raise WeightsError("model path does not exist", path)
             entry = ModelEntry(name=str(path), kind="executor", source=str(path))

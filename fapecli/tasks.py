@@ -41,10 +41,20 @@ for _t in TASKS:
     for _alias in (_t.name, _t.degradation, _t.token):
         _BY_ANY[_alias] = _t
 _EXTRA_ALIASES = {
-    "deraining": "derain", "desnowing": "desnow", "dehazing": "dehaze", "deblurring": "deblur",
-    "denoising": "denoise", "low_light": "lowlight", "low-light": "lowlight",
-    "light_enhancement": "lowlight", "enhancement": "lowlight", "super_resolution": "sr",
-    "super-resolution": "sr", "superresolution": "sr", "upscale": "sr", "upscaling": "sr",
+    "deraining": "derain",
+    "desnowing": "desnow",
+    "dehazing": "dehaze",
+    "deblurring": "deblur",
+    "denoising": "denoise",
+    "low_light": "lowlight",
+    "low-light": "lowlight",
+    "light_enhancement": "lowlight",
+    "enhancement": "lowlight",
+    "super_resolution": "sr",
+    "super-resolution": "sr",
+    "superresolution": "sr",
+    "upscale": "sr",
+    "upscaling": "sr",
 }
 for _alias, _name in _EXTRA_ALIASES.items():
     _BY_ANY[_alias] = next(t for t in TASKS if t.name == _name)

@@ -77,11 +77,22 @@ def _load(path: str) -> dict[str, ModelEntry]:
     models: dict[str, ModelEntry] = {}
     for name, spec in data.get("models", {}).items():
         files = tuple(FileEntry(**f) for f in spec.get("files", []))
-        known = {"kind", "description", "licence", "source", "bundled", "cache", "hf_repo", "options"}
+        known = {
+            "kind",
+            "description",
+            "licence",
+            "source",
+            "bundled",
+            "cache",
+            "hf_repo",
+            "options",
+        }
         unknown = set(spec) - known - {"files"}
         if unknown:
             raise WeightsError(f"model {name!r} has unknown keys {sorted(unknown)}", path)
-        models[name] = ModelEntry(name=name, files=files, **{k: spec[k] for k in known if k in spec})
+        models[name] = ModelEntry(
+            name=name, files=files, **{k: spec[k] for k in known if k in spec}
+        )
     return models
 
 
@@ -161,7 +172,7 @@ def missing_message(entry: ModelEntry, file: FileEntry) -> str:
 
 
 def locate(name: str | ModelEntry) -> dict[str, Path]:
-    """Paths of every file of a model, by relative path; raises WeightsError on the first missing."""
+    """Paths of every file of a model, by relative path; WeightsError on the first missing."""
     entry = name if isinstance(name, ModelEntry) else get_model(name)
     found: dict[str, Path] = {}
     for f in entry.files:

@@ -1,0 +1,32 @@
+# Set-up and the two everyday jobs. Everything installs into .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch and torchvision are pinned to a pair that installs together (CPU and CUDA).
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint man bench-plan
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+## demo: restore the example photos in examples/ into restored/ with the shipped model
+demo: $(VENV)/.installed
+	$(VENV)/bin/fape restore examples/ -o restored/
+
+## test: run the test suite (CPU, a few minutes)
+test: $(VENV)/.installed
+	$(PY) -m pytest -n 2 -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check fapecli tests bench
+
+## man: regenerate man/ from the CLI
+man: $(VENV)/.installed
+	$(PY) -m fapecli.manpages man
+
+bench-plan: $(VENV)/.installed
+	$(PY) bench/plan_accuracy.py ../shared/data

@@ -1,0 +1,401 @@
+"""The `fape` command line: parse, call the library, render (rich tables or JSON Lines).
+
+Conventions (ripgrep/jq style): data on stdout, messages on stderr, exit 0 when everything
+worked, 1 when some inputs failed (the batch goes on), 2 for usage errors, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from fapecli import __version__
+from fapecli.console import Reporter
+from fapecli.errors import FapeError, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="fape",
+    help="All-in-one image restoration: plan what is wrong with a photo, restore it, score it.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+weights_app = typer.Typer(
+    help="List, verify, import and fetch the model files named in weights.toml.",
+    no_args_is_help=True,
+)
+app.add_typer(weights_app, name="weights")
+
+# Options shared by every command, spelled the same everywhere.
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device", help="Where to run: auto (CUDA when present), cpu, cuda, cuda:N, mps."
+    ),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only print errors (and data).")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print more details.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON Lines (one object per image).")]
+Inputs = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Image files or folders (searched recursively); '-' reads an image from stdin; "
+        "with no argument, a list of paths is read from stdin.",
+        show_default=False,
+    ),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fape {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """All-in-one image restoration: plan, restore, score, train."""
+
+
+def _handles_errors(fn: F) -> F:
+    """Turn library errors into one-line messages and stable exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FapeError as exc:
+            Reporter().error(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            Reporter().error("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _collect_inputs(inputs: list[str] | None, report: Reporter) -> tuple[list, int]:
+    """Expand files/folders (or a path list on stdin); report bad ones; return (items, failures)."""
+    from fapecli.io import InputItem, discover_images, read_path_list
+
+    if not inputs:
+        if sys.stdin.isatty():
+            raise UsageError("no input: name image files or folders, or pipe a list of paths")
+        inputs = read_path_list(sys.stdin)
+        if not inputs:
+            raise UsageError("no input paths on stdin")
+    if "-" in inputs:
+        if len(inputs) > 1:
+            raise UsageError("'-' (an image on stdin) cannot be mixed with other inputs")
+        return [InputItem(Path("-"), Path("stdin.png"))], 0
+    items, problems = discover_images(inputs)
+    for path, message in problems:
+        report.error(f"{path}: {message}")
+    if not items and not problems:
+        report.warn("no images found in the inputs")
+    return items, len(problems)
+
+
+def _exit_for(failures: int) -> None:
+    if failures:
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@app.command()
+@_handles_errors
+def plan(
+    inputs: Inputs = None,
+    json_out: Json = False,
+    line: Annotated[
+        bool,
+        typer.Option("--line", help="Print the FAPE-IR one-line form 'Task: ..., Focus: ...'."),
+    ] = False,
+    planner: Annotated[str, typer.Option("--planner", help="Which planner: rules.")] = "rules",
+    device: Device = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Say what is wrong with each image, in which frequency band, and how to restore it."""
+    from fapecli.io import read_image
+    from fapecli.planning import plan as make_plan
+
+    report = Reporter(quiet=quiet, verbose=verbose)
+    items, failures = _collect_inputs(inputs, report)
+    rows = []
+    for item in report.track(items, len(items), "planning"):
+        try:
+            image = read_image(item.path)
+            result = make_plan(image, planner=planner)
+        except FapeError as exc:
+            failures += 1
+            report.error(str(exc))
+            if json_out:
+                report.json({"input": str(item.path), "error": str(exc)})
+            continue
+        if json_out:
+            report.json({"input": str(item.path), "plan": result.to_dict()})
+        elif line:
+            report.out.print(f"{item.path}\t{result.to_line()}", markup=False)
+        else:
+            rows.append((str(item.path), result))
+    if rows:
+        from fapecli.render import plan_table
+
+        report.out.print(plan_table(rows, verbose=verbose))
+    _exit_for(failures)
+
+
+# --------------------------------------------------------------------------- degrade
+
+
+@app.command()
+@_handles_errors
+def degrade(
+    inputs: Inputs = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path(
+        "degraded"
+    ),
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            "-t",
+            help="Degradation(s) to synthesise, comma-separated for a mixture: rain, snow, haze, "
+            "blur, noise, lowlight, lowres (task names such as derain or sr work too).",
+        ),
+    ] = "noise",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (per image: seed + index).")] = 0,
+    severity: Annotated[
+        float | None,
+        typer.Option(
+            "--severity", min=0.0, max=1.0, help="0 (mild) to 1 (severe); random when unset."
+        ),
+    ] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            "-p",
+            help="Fix a parameter, e.g. noise.sigma=25 or lowres.scale=4 (repeatable).",
+        ),
+    ] = None,
+    ext: Annotated[
+        str | None,
+        typer.Option("--ext", help="Output format (png, jpg, ...); default: the input's."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing outputs.")
+    ] = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Synthesise degraded copies of clean images (with a JSON sidecar of the parameters)."""
+    import json
+
+    from fapecli.io import output_path, read_image, write_image
+    from fapecli.tasks import get_task
+    from fapecli.training.degrade import degrade as apply_degradation
+
+    report = Reporter(quiet=quiet, verbose=verbose)
+    try:
+        kinds = [get_task(t).degradation for t in task.split(",") if t.strip()]
+    except KeyError as exc:
+        raise UsageError(str(exc.args[0])) from None
+    overrides = _parse_params(param or [])
+    items, failures = _collect_inputs(inputs, report)
+    for index, item in enumerate(report.track(items, len(items), "degrading")):
+        target = output_path(item, output, ext=ext)
+        if target.exists() and not overwrite:
+            report.info(f"skip {target} (exists; --overwrite replaces it)")
+            continue
+        try:
+            image = read_image(item.path)
+            result = apply_degradation(
+                image.rgb, kinds, seed=seed + index, severity=severity, **overrides
+            )
+            pixels = result.image if not image.is_grey else result.image.mean(axis=2, keepdims=True)
+            written = write_image(image.with_pixels(pixels), target)
+            sidecar = written.with_suffix(".json")
+            params = {"input": str(item.path), "output": str(written), **result.params}
+            _write_text_atomic(sidecar, json.dumps(params, indent=2) + "\n")
+        except FapeError as exc:
+            failures += 1
+            report.error(str(exc))
+            if json_out:
+                report.json({"input": str(item.path), "error": str(exc)})
+            continue
+        if json_out:
+            report.json(params)
+        else:
+            report.debug(f"{item.path} -> {written}")
+    report.info(f"degraded {len(items) - failures} image(s) into {output}")
+    _exit_for(failures)
+
+
+def _parse_params(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """``noise.sigma=25`` -> {"noise": {"sigma": 25.0}} (numbers, booleans or strings)."""
+    from fapecli.tasks import get_task
+
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        kind, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise UsageError(
+                f"--param {pair!r}: expected DEGRADATION.NAME=VALUE, e.g. noise.sigma=25"
+            )
+        try:
+            kind = get_task(kind).degradation
+        except KeyError as exc:
+            raise UsageError(f"--param {pair!r}: {exc.args[0]}") from None
+        out.setdefault(kind, {})[name] = _parse_value(value)
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- not built yet
+
+
+def _not_built(command: str) -> None:
+    raise FapeError(f"`fape {command}` is not built yet in fape {__version__}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_handles_errors
+def restore() -> None:
+    """Restore images with the frequency-aware executor (not built yet)."""
+    _not_built("restore")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_handles_errors
+def score() -> None:
+    """Score restored images against references, or without (not built yet)."""
+    _not_built("score")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_handles_errors
+def train() -> None:
+    """Train a fape executor from a TOML config (not built yet)."""
+    _not_built("train")
+
+
+# --------------------------------------------------------------------------- weights
+
+
+@weights_app.command("list")
+@_handles_errors
+def weights_list(json_out: Json = False, quiet: Quiet = False) -> None:
+    """Every model in weights.toml: kind, whether its files are present, where, licence."""
+    from fapecli.weights import find_file, load_manifest
+
+    report = Reporter(quiet=quiet)
+    rows = []
+    for entry in load_manifest().values():
+        paths = [find_file(entry, f) for f in entry.files]
+        present = all(p is not None for p in paths)
+        where = str(paths[-1].parent) if paths and paths[-1] is not None else ""
+        record = {
+            "name": entry.name,
+            "kind": entry.kind,
+            "present": present,
+            "path": where,
+            "licence": entry.licence,
+            "description": entry.description,
+        }
+        if json_out:
+            report.json(record)
+        rows.append(record)
+    if not json_out:
+        from fapecli.render import weights_table
+
+        report.out.print(weights_table(rows))
+
+
+@weights_app.command("verify")
+@_handles_errors
+def weights_verify(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Models to check (default: all present).")
+    ] = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Check the sha256 of model files; exit 1 if any is missing or differs."""
+    from fapecli.weights import is_present, load_manifest, verify
+
+    report = Reporter(quiet=quiet)
+    manifest = load_manifest()
+    chosen = names or [n for n, e in manifest.items() if is_present(e)]
+    bad = 0
+    for name in chosen:
+        for status in verify(name):
+            bad += status.status in ("missing", "mismatch")
+            record = {
+                "model": status.model,
+                "file": status.file,
+                "status": status.status,
+                "path": str(status.path or ""),
+                "detail": status.detail,
+            }
+            if json_out:
+                report.json(record)
+            else:
+                colour = {"ok": "green", "unchecked": "yellow"}.get(status.status, "red")
+                report.out.print(
+                    f"[{colour}]{status.status:9}[/{colour}] {status.model}: {status.file} "
+                    f"{status.detail}"
+                )
+    if not chosen:
+        report.info("no model files present to verify")
+    _exit_for(bad)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

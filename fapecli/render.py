@@ -1,0 +1,39 @@
+"""Rich tables for people (the CLI's non-JSON output)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.table import Table
+
+from fapecli.planning.plan import Plan
+
+
+def plan_table(rows: Sequence[tuple[str, Plan]], *, verbose: bool = False) -> Table:
+    table = Table(show_lines=False, header_style="bold")
+    table.add_column("image", overflow="fold")
+    table.add_column("task")
+    table.add_column("band")
+    table.add_column("also")
+    table.add_column("rationale", overflow="fold")
+    if verbose:
+        table.add_column("pipeline", overflow="fold")
+        table.add_column("scores", overflow="fold")
+    for path, plan in rows:
+        cells = [path, plan.task, plan.band, ", ".join(plan.secondary) or "-", plan.rationale]
+        if verbose:
+            cells.append(" -> ".join(plan.pipeline))
+            cells.append(" ".join(f"{k}={v:.2f}" for k, v in plan.scores.items()))
+        table.add_row(*cells)
+    return table
+
+
+def weights_table(rows: Sequence[dict[str, Any]]) -> Table:
+    table = Table(header_style="bold")
+    for col in ("name", "kind", "present", "path", "licence"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        present = "[green]yes[/green]" if r["present"] else "[red]no[/red]"
+        table.add_row(r["name"], r["kind"], present, r["path"] or "-", r["licence"] or "-")
+    return table
