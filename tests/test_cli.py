@@ -42,3 +42,47 @@ def test_weights_list_json() -> None:
     names = {r["name"] for r in records}
     assert "fape-s" in names
     assert set(records[0]) >= {"name", "kind", "present", "path", "licence"}
+
+
+def _write_photo(path, photo) -> None:
+    from fapecli.io import from_array, write_image
+
+    write_image(from_array(photo), path)
+
+
+def test_degrade_writes_image_and_sidecar_reproducibly(tmp_path, photo) -> None:
+    import json
+
+    import numpy as np
+
+    from fapecli.io import read_image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _write_photo(src / "a.png", photo)
+    (src / "broken.png").write_bytes(b"not an image")
+    args = ["degrade", str(src), "--task", "noise", "-p", "noise.sigma=25", "--seed", "7"]
+    first = runner.invoke(app, [*args, "-o", str(tmp_path / "o1")])
+    second = runner.invoke(app, [*args, "-o", str(tmp_path / "o2")])
+    assert first.exit_code == 1, first.output  # the broken file fails, the batch goes on
+    assert "broken.png" in first.stderr
+    a, b = read_image(tmp_path / "o1" / "a.png"), read_image(tmp_path / "o2" / "a.png")
+    assert np.array_equal(a.pixels, b.pixels)
+    sidecar = json.loads((tmp_path / "o1" / "a.json").read_text())
+    assert sidecar["steps"][0]["degradation"] == "noise"
+    assert sidecar["steps"][0]["sigma"] == 25
+    noise = (a.pixels - photo).std()
+    assert 0.07 < noise < 0.13  # sigma 25/255 ~ 0.098, a little less after clipping
+
+
+def test_degrade_skips_existing_and_rejects_bad_params(tmp_path, photo) -> None:
+    _write_photo(tmp_path / "a.png", photo)
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["degrade", str(tmp_path / "a.png"), "-o", str(out)]).exit_code == 0
+    before = (out / "a.png").stat().st_mtime_ns
+    again = runner.invoke(app, ["degrade", str(tmp_path / "a.png"), "-o", str(out), "-t", "haze"])
+    assert again.exit_code == 0 and (out / "a.png").stat().st_mtime_ns == before
+    bad = runner.invoke(app, ["degrade", str(tmp_path / "a.png"), "-o", str(out), "-p", "sigma"])
+    assert bad.exit_code == 2 and "DEGRADATION.NAME=VALUE" in bad.stderr
+    unknown = runner.invoke(app, ["degrade", str(tmp_path / "a.png"), "-o", str(out), "-t", "fog"])
+    assert unknown.exit_code == 2 and "unknown task" in unknown.stderr
