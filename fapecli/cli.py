@@ -17,6 +17,7 @@ import typer
 from fapecli import __version__
 from fapecli.console import Reporter
 from fapecli.errors import FapeError, UsageError
+from fapecli.planning.plan import Plan
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -304,18 +305,287 @@ def _not_built(command: str) -> None:
     raise FapeError(f"`fape {command}` is not built yet in fape {__version__}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-@_handles_errors
-def restore() -> None:
-    """Restore images with the frequency-aware executor (not built yet)."""
-    _not_built("restore")
+EXTENSIONS = ("auto", "png", "jpg", "webp", "tif", "bmp")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command()
 @_handles_errors
-def score() -> None:
-    """Score restored images against references, or without (not built yet)."""
-    _not_built("score")
+def restore(
+    inputs: Inputs = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Output folder ('-' writes one image to stdout)."),
+    ] = None,
+    model: Annotated[
+        str,
+        typer.Option("--model", "-m", help="Model name in weights.toml, or a checkpoint folder."),
+    ] = "fape-s",
+    plan_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--plan", help="Reuse plans from `fape plan --json` (JSON Lines) instead of planning."
+        ),
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option("--task", "-t", help="Force a task (derain, denoise, sr, ...).")
+    ] = None,
+    scale: Annotated[
+        int | None, typer.Option("--scale", "-s", min=1, max=8, help="Upscale by this factor (SR).")
+    ] = None,
+    tile: Annotated[
+        int | None,
+        typer.Option("--tile", min=0, help="Tile size in pixels (0 or unset: automatic)."),
+    ] = None,
+    overlap: Annotated[int, typer.Option("--overlap", min=0, help="Tile overlap in pixels.")] = 32,
+    suffix: Annotated[str, typer.Option("--suffix", help="Added to output file names.")] = "",
+    ext: Annotated[
+        str,
+        typer.Option("--ext", help="Output format: auto (as the input), png, jpg, webp, tif, bmp."),
+    ] = "auto",
+    quality: Annotated[
+        int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality.")
+    ] = 95,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing outputs.")
+    ] = False,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain", help="Also write NAME.routing.png: where the high-band expert won."
+        ),
+    ] = False,
+    device: Device = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision", help="auto, fp32, bf16 or fp16 (auto: bf16 on GPU, fp32 on CPU)."
+        ),
+    ] = "auto",
+    json_out: Json = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Restore images with the frequency-aware executor, planning each one first."""
+    from fapecli.loader import load_model
+    from fapecli.restore import restore_file
+
+    report = Reporter(quiet=quiet, verbose=verbose)
+    if ext not in EXTENSIONS:
+        raise UsageError(f"--ext {ext!r}: use one of {', '.join(EXTENSIONS)}")
+    items, failures = _collect_inputs(inputs, report)
+    to_stdout = str(output) == "-" or (output is None and items and items[0].is_stdin)
+    if output is None and not to_stdout:
+        raise UsageError("name an output folder with -o/--output (or '-o -' for stdout)")
+    if to_stdout and (len(items) != 1 or json_out):
+        raise UsageError(
+            "'-o -' writes exactly one image to stdout (and cannot be mixed with --json)"
+        )
+    plans = _read_plans(plan_file) if plan_file else {}
+    net = load_model(model, device=device, precision=precision)
+    report.debug(f"model {model} on {net.device} ({net.dtype})")
+    jobs, failures = _restore_jobs(items, output, suffix, ext, to_stdout, report, failures)
+    done = skipped = 0
+    for item, target in report.track(jobs, len(jobs), "restoring"):
+        if target is not None and target.exists() and not overwrite:
+            skipped += 1
+            report.debug(f"skip {target} (exists; --overwrite replaces it)")
+            continue
+        try:
+            restored, written = restore_file(
+                item.path,
+                target if target is not None else "-",
+                net,
+                plan=_plan_for(item, plans),
+                task=task,
+                scale=scale,
+                tile=tile or None,
+                overlap=overlap,
+                quality=quality,
+                explain=explain,
+            )
+        except FapeError as exc:
+            failures += 1
+            report.error(str(exc))
+            if json_out:
+                report.json({"input": str(item.path), "error": str(exc)})
+            continue
+        done += 1
+        record = {
+            "input": str(item.path),
+            "output": str(written),
+            "plan": restored.plan.to_dict(),
+            "seconds": round(restored.seconds, 4),
+            "tiles": restored.tiles,
+            "skipped": restored.skipped,
+        }
+        if explain:
+            record["routing"] = restored.routing_summary.get("overall")
+        if json_out:
+            report.json(record)
+        else:
+            what = "clean, copied" if restored.skipped else restored.plan.task
+            report.debug(f"{item.path} -> {written} ({what}, {restored.seconds:.2f}s)")
+    report.info(f"restored {done}, skipped {skipped} existing, failed {failures}")
+    _exit_for(failures)
+
+
+def _restore_jobs(items, output, suffix, ext, to_stdout, report, failures):
+    """Pair inputs with output paths; refuse collisions and outputs that are inputs."""
+    from fapecli.io import output_path
+
+    if to_stdout:
+        return [(items[0], None)], failures
+    jobs, seen = [], {}
+    inputs = {item.path.resolve() for item in items if not item.is_stdin}
+    for item in items:
+        target = output_path(item, output, suffix=suffix, ext=None if ext == "auto" else ext)
+        key = target.resolve()
+        if key in inputs:
+            failures += 1
+            report.error(f"{item.path}: output {target} would overwrite an input (use --suffix)")
+        elif key in seen:
+            failures += 1
+            report.error(f"{item.path}: output {target} is also the output of {seen[key]}")
+        else:
+            seen[key] = item.path
+            jobs.append((item, target))
+    return jobs, failures
+
+
+def _read_plans(path: Path) -> dict[str, Plan]:
+    """Plans from `fape plan --json` output, by input path (as written and resolved)."""
+    import json
+
+    from fapecli.planning.plan import Plan
+
+    plans: dict[str, Plan] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read plans: {exc.strerror}", path) from None
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+            if "plan" not in record:
+                continue  # an error record of `fape plan --json`
+            plan = Plan.from_dict(record["plan"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise UsageError(f"line {number} is not a plan record ({exc})", path) from None
+        plans[record["input"]] = plan
+        plans[str(Path(record["input"]).resolve())] = plan
+    return plans
+
+
+def _plan_for(item, plans: dict[str, Plan]) -> Plan | None:
+    if not plans:
+        return None
+    return plans.get(str(item.path)) or plans.get(str(item.path.resolve()))
+
+
+@app.command()
+@_handles_errors
+def score(
+    outputs: Annotated[
+        list[str], typer.Argument(help="Restored images: files or folders.", show_default=False)
+    ],
+    ref: Annotated[
+        list[str] | None,
+        typer.Option("--ref", "-r", help="Reference images (files or folders); repeatable."),
+    ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics",
+            "-M",
+            help="Comma-separated metrics, or fr / nr / all. Default: psnr,ssim,lpips,dists "
+            "with --ref, niqe,musiq,maniqa,clipiqa,topiq_nr without.",
+        ),
+    ] = None,
+    y_channel: Annotated[
+        bool, typer.Option("--y-channel", help="PSNR/SSIM on the Y channel (BT.601), as FAPE-IR.")
+    ] = False,
+    crop_border: Annotated[
+        int, typer.Option("--crop-border", min=0, help="Ignore this many border pixels (SR).")
+    ] = 0,
+    resize_ref: Annotated[
+        bool, typer.Option("--resize-ref", help="Resize references to the output size.")
+    ] = False,
+    center_crop: Annotated[
+        bool, typer.Option("--center-crop", help="Crop both images to their common size.")
+    ] = False,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", help="Also write per-image scores to this CSV file.")
+    ] = None,
+    summary_only: Annotated[
+        bool, typer.Option("--summary-only", help="Print only the per-metric summary.")
+    ] = False,
+    device: Device = "auto",
+    json_out: Annotated[
+        bool, typer.Option("--json", help="JSON Lines: one object per image, then a summary.")
+    ] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Score restored images against references (full reference) or alone (no reference)."""
+    from fapecli.scoring import metric_info
+    from fapecli.scoring import score as compute
+
+    report = Reporter(quiet=quiet, verbose=verbose)
+    with report.progress(0 if quiet else 10**9, "scoring") as bar:
+
+        def progress(done: int, total: int, name: str) -> None:
+            if bar is not None:
+                bar.update(bar.task_ids[0], completed=done, total=total)
+
+        result = compute(
+            outputs,
+            ref,
+            metrics=metrics,
+            y_channel=y_channel,
+            crop_border=crop_border,
+            resize_ref=resize_ref,
+            center_crop=center_crop,
+            device=device,
+            progress=progress,
+        )
+    failures = len(result.problems) + len(result.errors)
+    for path, message in result.problems:
+        report.error(f"{path}: {message}")
+    for err in result.errors:
+        report.error(f"{err.output}: {(err.metric + ': ') if err.metric else ''}{err.message}")
+    asked = {m.strip().lower() for m in (metrics or "").split(",") if m.strip()}
+    for name, reason in result.unavailable.items():
+        report.warn(f"{name} unavailable: {reason}")
+        failures += name in asked
+    for path in result.unmatched_outputs:
+        report.warn(f"{path}: no matching reference")
+    for path in result.unmatched_refs:
+        report.debug(f"{path}: reference without an output")
+    for note in result.notes:
+        report.debug(note)
+    data = result.to_dict()
+    if json_out:
+        if not summary_only:
+            for row in data["images"]:
+                report.json({"type": "image", **row})
+        summary = {k: v for k, v in data.items() if k != "images"}
+        report.json({"type": "summary", **summary})
+    else:
+        from fapecli.render import score_table
+
+        directions = {m: metric_info(m).direction for m in result.metrics}
+        report.out.print(score_table(result, directions, summary_only=summary_only))
+    if csv_file is not None:
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows(result.csv_rows())
+        _write_text_atomic(csv_file, buffer.getvalue())
+    report.info(f"scored {len(result.rows)} image(s) in {result.seconds:.1f}s")
+    _exit_for(failures)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -393,6 +663,64 @@ def weights_verify(
                 )
     if not chosen:
         report.info("no model files present to verify")
+    _exit_for(bad)
+
+
+@weights_app.command("import")
+@_handles_errors
+def weights_import(
+    folder: Annotated[Path, typer.Argument(help="A folder holding downloaded model files.")],
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="Only these models (repeatable).")
+    ] = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Copy the model files found in FOLDER into the right caches, checking their hashes."""
+    from fapecli.scoring import import_weights
+
+    _print_weight_results(import_weights(folder, models=model), json_out, Reporter(quiet=quiet))
+
+
+@weights_app.command("fetch")
+@_handles_errors
+def weights_fetch(
+    names: Annotated[
+        list[str], typer.Argument(help="Models to download (see `fape weights list`).")
+    ],
+    base_url: Annotated[
+        str | None, typer.Option("--base-url", help="A mirror: files are fetched from URL/NAME.")
+    ] = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Download model files from their source URLs (needs a network), checking their hashes."""
+    from fapecli.scoring import fetch_weights
+
+    report = Reporter(quiet=quiet)
+    results = [r for name in names for r in fetch_weights(name, base_url=base_url)]
+    _print_weight_results(results, json_out, report)
+
+
+def _print_weight_results(results: list, json_out: bool, report: Reporter) -> None:
+    bad = 0
+    for r in results:
+        bad += r.status.startswith("mismatch")
+        record = {
+            "model": r.model,
+            "file": r.file,
+            "status": r.status,
+            "path": str(r.path or ""),
+            "detail": r.detail,
+        }
+        if json_out:
+            report.json(record)
+        else:
+            report.out.print(
+                f"{r.status:20} {r.model}: {r.file} {r.path or ''} {r.detail}", markup=False
+            )
+    if not results:
+        report.warn("no file named in weights.toml was found")
     _exit_for(bad)
 
 

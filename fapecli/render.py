@@ -37,3 +37,29 @@ def weights_table(rows: Sequence[dict[str, Any]]) -> Table:
         present = "[green]yes[/green]" if r["present"] else "[red]no[/red]"
         table.add_row(r["name"], r["kind"], present, r["path"] or "-", r["licence"] or "-")
     return table
+
+
+def score_table(report: Any, directions: dict[str, str], *, summary_only: bool = False) -> Table:
+    """Per-image scores (unless summary_only) followed by mean and std of each metric."""
+    arrows = {"higher": " ↑", "lower": " ↓"}
+    table = Table(header_style="bold", show_footer=False)
+    table.add_column("image", overflow="fold")
+    for m in report.metrics:
+        table.add_column(m + arrows.get(directions.get(m, ""), ""), justify="right")
+    if not summary_only:
+        for row in report.rows:
+            table.add_row(row.name, *(_fmt(row.values.get(m)) for m in report.metrics))
+        table.add_section()
+    for label, attr in (("mean", "mean"), ("std", "std")):
+        cells = [
+            _fmt(getattr(report.summary[m], attr)) if m in report.summary else "-"
+            for m in report.metrics
+        ]
+        table.add_row(f"[bold]{label}[/bold]", *cells)
+    return table
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"

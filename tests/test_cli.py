@@ -86,3 +86,34 @@ def test_degrade_skips_existing_and_rejects_bad_params(tmp_path, photo) -> None:
     assert bad.exit_code == 2 and "DEGRADATION.NAME=VALUE" in bad.stderr
     unknown = runner.invoke(app, ["degrade", str(tmp_path / "a.png"), "-o", str(out), "-t", "fog"])
     assert unknown.exit_code == 2 and "unknown task" in unknown.stderr
+
+
+def test_score_json_lines_csv_and_missing_metric(tmp_path, photo) -> None:
+    import csv
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "gt").mkdir()
+    for name in ("a", "b"):
+        _write_photo(tmp_path / "gt" / f"{name}.png", photo)
+        noisy = np.clip(photo + rng.normal(0, 0.05, photo.shape), 0, 1).astype(np.float32)
+        _write_photo(tmp_path / "out" / f"{name}.png", noisy)
+    csv_path = tmp_path / "scores.csv"
+    args = ["score", str(tmp_path / "out"), "--ref", str(tmp_path / "gt"), "--json"]
+    result = runner.invoke(app, [*args, "--metrics", "psnr,ssim", "--csv", str(csv_path)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["type"] for r in records] == ["image", "image", "summary"]
+    assert 24 < records[0]["scores"]["psnr"] < 28  # sigma 0.05 -> about 26 dB
+    assert records[-1]["metrics"]["psnr"]["direction"] == "higher"
+    rows = list(csv.reader(csv_path.open()))
+    assert rows[0][:5] == ["name", "output", "ref", "psnr", "ssim"] and len(rows) == 3
+    # a metric whose weights are absent is reported, the others still come out, exit 1
+    missing = runner.invoke(app, [*args, "--metrics", "psnr,lpips"])
+    assert missing.exit_code == 1
+    assert "lpips unavailable" in missing.stderr and ".pth" in missing.stderr
+    summary = [json.loads(line) for line in missing.stdout.splitlines()][-1]
+    assert summary["metrics"]["psnr"]["count"] == 2

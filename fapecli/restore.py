@@ -1,0 +1,170 @@
+"""Restoration of one image: plan, prepare, run the executor tile by tile, check, carry metadata.
+
+`restore_image` is the library entry point (an `Image` in, a `Restored` out); `restore_file`
+adds reading and the atomic write. Both are what `fape restore` calls for every input.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fapecli.errors import FapeError
+from fapecli.io import Image, read_image, write_image
+from fapecli.planning.plan import Plan
+from fapecli.tasks import NONE, normalize_task
+
+EXPLAIN_SIZE = 512  # long side of the preview on which --explain records the routing map
+
+
+@dataclass
+class Restored:
+    """A restored image and how it was made."""
+
+    image: Image
+    plan: Plan
+    seconds: float
+    tiles: int = 0
+    skipped: str | None = None  # "clean" when the plan found nothing to restore
+    routing: np.ndarray | None = None  # high-band expert share per pixel (preview size)
+    routing_summary: dict[str, Any] = field(default_factory=dict)
+
+
+def make_plan(
+    image: Image,
+    *,
+    plan: Plan | None = None,
+    task: str | None = None,
+    scale: int | None = None,
+    planner: str = "rules",
+) -> Plan:
+    """The given plan, a forced ``task``'s plan, or the planner's; ``scale`` forces SR by it."""
+    from fapecli.execution.conditioning import plan_for_task
+    from fapecli.planning import plan as plan_image
+
+    if plan is None and task is not None and normalize_task(task) != NONE:
+        plan = plan_for_task(task, scale=scale)
+        plan.source, plan.rationale = "user", f"task forced by the user ({plan.task})"
+    elif plan is None:
+        plan = plan_image(image, planner=planner)
+    if scale and scale > 1:
+        if plan.task == NONE:
+            plan = plan_for_task("sr", scale=scale)
+            plan.source, plan.rationale = "user", f"upscaling x{scale} asked by the user"
+        elif "sr" not in plan.tasks:
+            plan.secondary = [*plan.secondary, "sr"]
+        plan.scale = scale
+    elif "sr" in plan.tasks and not plan.scale:
+        plan.scale = 2
+    return plan
+
+
+def _to_tensor(rgb: np.ndarray, model: torch.nn.Module) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
+    return x.to(device=model.device, dtype=torch.float32)
+
+
+def _check(out: np.ndarray, src: np.ndarray, where: str | None) -> None:
+    if not np.isfinite(out).all():
+        raise FapeError("restoration produced NaN/inf values (try --precision fp32)", where)
+    if out.max() < 1.0 / 255 and src.max() > 4.0 / 255:
+        raise FapeError("restoration produced an all-black image (try --precision fp32)", where)
+
+
+def restore_image(
+    image: Image,
+    model: torch.nn.Module,
+    *,
+    plan: Plan | None = None,
+    task: str | None = None,
+    scale: int | None = None,
+    tile: int | None = None,
+    overlap: int = 32,
+    explain: bool = False,
+) -> Restored:
+    """Restore one image with a compact executor (see `fapecli.loader.load_model`)."""
+    from fapecli.execution.compact import prepare_input
+    from fapecli.execution.tiling import restore_tiled
+
+    start = time.perf_counter()
+    plan = make_plan(image, plan=plan, task=task, scale=scale)
+    if plan.task == NONE:
+        return Restored(
+            image.with_pixels(image.pixels), plan, time.perf_counter() - start, skipped="clean"
+        )
+    x = prepare_input(_to_tensor(image.rgb, model), plan)
+    tokens = model.plan_tokens(plan)
+    with torch.inference_mode():
+        result = restore_tiled(
+            lambda t: model(t, tokens=tokens),
+            x,
+            tile=tile,
+            overlap=overlap,
+            multiple=model.multiple,
+        )
+    out = result.image.clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy()
+    _check(out, image.rgb, image.source)
+    if image.is_grey:
+        out = out.mean(axis=2, keepdims=True)
+    restored = Restored(
+        image.with_pixels(out), plan, time.perf_counter() - start, tiles=result.tiles
+    )
+    if explain:
+        restored.routing, restored.routing_summary = routing_preview(model, x, tokens)
+    return restored
+
+
+def routing_preview(
+    model: torch.nn.Module, x: torch.Tensor, tokens: torch.Tensor | None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Where the high-band expert won: the share of MoE layers choosing it, per pixel.
+
+    Computed on a preview whose long side is at most `EXPLAIN_SIZE` (the routing of a whole
+    24-megapixel image would not fit in memory); each layer's choice map is resized to the
+    preview and the maps are averaged.
+    """
+    import torch.nn.functional as F
+
+    from fapecli.execution.moe import reset_routing_stats, routing_maps, routing_summary
+
+    h, w = x.shape[-2:]
+    s = min(1.0, EXPLAIN_SIZE / max(h, w))
+    preview = F.interpolate(x, scale_factor=s, mode="area") if s < 1 else x
+    reset_routing_stats(model)
+    with torch.inference_mode():
+        model(preview, tokens=tokens)
+    size = preview.shape[-2:]
+    maps = [
+        F.interpolate(m[:1, None].float(), size=size, mode="nearest")[0, 0]
+        for m in routing_maps(model).values()
+        if m.dim() == 3
+    ]
+    share = torch.stack(maps).mean(0) if maps else torch.zeros(size)
+    return share.cpu().numpy().astype(np.float32), routing_summary(model)
+
+
+def restore_file(
+    source: str | Path,
+    target: str | Path,
+    model: torch.nn.Module,
+    *,
+    plan: Plan | None = None,
+    quality: int = 95,
+    explain: bool = False,
+    **options: Any,
+) -> tuple[Restored, Path]:
+    """Read `source`, restore it, write `target` atomically (and the routing map with explain)."""
+    image = read_image(source)
+    restored = restore_image(image, model, plan=plan, explain=explain, **options)
+    written = write_image(restored.image, target, quality=quality)
+    if restored.routing is not None and str(target) != "-":
+        from fapecli.io import from_array
+
+        routing_path = written.with_name(written.stem + ".routing.png")
+        write_image(from_array((restored.routing * 255).round().astype(np.uint8)), routing_path)
+    return restored, written
