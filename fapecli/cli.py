@@ -588,11 +588,62 @@ def score(
     _exit_for(failures)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command()
 @_handles_errors
-def train() -> None:
-    """Train a fape executor from a TOML config (not built yet)."""
-    _not_built("train")
+def train(
+    config: Annotated[
+        str,
+        typer.Argument(help="A TOML recipe, or a bundled one: fape-s (the default model), tiny."),
+    ] = "fape-s",
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Config overrides KEY=VALUE, e.g. schedule.steps=8000 data.batch_size=8.",
+            show_default=False,
+        ),
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option("--resume", help="Continue from a checkpoint folder, or 'auto' (the latest)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Run folder (checkpoints, logs, final model)."),
+    ] = None,
+    device: Device = "auto",
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="Print the resolved config as JSON and exit.")
+    ] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Train a fape executor from a TOML recipe (same command under `accelerate launch`)."""
+    import json
+
+    from fapecli.training.config import load_config
+
+    report = Reporter(quiet=quiet, verbose=verbose)
+    items = list(overrides or [])
+    if "=" in config:  # `fape train key=value ...` with the default recipe
+        items.insert(0, config)
+        config = "fape-s"
+    if resume is not None:
+        items.append(f"resume={resume}")
+    if out is not None:
+        items.append(f"out_dir={out}")
+    if device != "auto":
+        items.append(f"device={device}")
+    cfg = load_config(config, items)
+    if print_config:
+        typer.echo(json.dumps(cfg.to_dict(), indent=2))
+        return
+    from fapecli.training.loop import train as run
+
+    result = run(cfg, emit=report.info)
+    report.info(
+        f"trained {result.step} steps in {result.seconds / 60:.1f} min; "
+        f"final model: {result.final_dir}"
+    )
 
 
 # --------------------------------------------------------------------------- weights

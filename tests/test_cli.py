@@ -117,3 +117,29 @@ def test_score_json_lines_csv_and_missing_metric(tmp_path, photo) -> None:
     assert "lpips unavailable" in missing.stderr and ".pth" in missing.stderr
     summary = [json.loads(line) for line in missing.stdout.splitlines()][-1]
     assert summary["metrics"]["psnr"]["count"] == 2
+
+
+def test_train_then_restore_with_the_trained_model(tmp_path, photo) -> None:
+    """The whole loop a user runs: fape train (tiny recipe) -> fape restore --model final/."""
+    from fapecli import loader
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for i in range(4):
+        _write_photo(clean / f"{i}.png", photo[i * 16 : i * 16 + 96, :96])
+    run = tmp_path / "run"
+    result = runner.invoke(
+        app, ["train", "tiny", f"data.clean_dirs=['{clean}']", "--out", str(run), "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    final = run / "final"
+    assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
+    assert (run / "log.csv").is_file()
+    loader.clear_cache()
+    restored = runner.invoke(
+        app, ["restore", str(clean / "0.png"), "-o", str(tmp_path / "o"), "-m", str(final),
+              "-t", "denoise"]
+    )
+    assert restored.exit_code == 0, restored.output
+    assert (tmp_path / "o" / "0.png").is_file()
+    loader.clear_cache()
