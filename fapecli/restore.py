@@ -65,8 +65,9 @@ def make_plan(
 
 
 def _to_tensor(rgb: np.ndarray, model: torch.nn.Module) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
-    return x.to(device=model.device, dtype=torch.float32)
+    """(1, 3, H, W) float32 on the model's device; a view of ``rgb`` on the CPU (no copy)."""
+    x = torch.from_numpy(rgb.astype(np.float32, copy=False)).permute(2, 0, 1)[None]
+    return x.to(device=model.device)
 
 
 def _check(out: np.ndarray, src: np.ndarray, where: str | None) -> None:
@@ -107,8 +108,8 @@ def restore_image(
             overlap=overlap,
             multiple=model.multiple,
         )
-    out = result.image.clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy()
-    _check(out, image.rgb, image.source)
+        out = result.image.clamp_(0, 1)[0].permute(1, 2, 0).numpy()  # a view, no copy
+    _check(out, image.pixels, image.source)
     if image.is_grey:
         out = out.mean(axis=2, keepdims=True)
     restored = Restored(
