@@ -11,6 +11,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test]"
+	# basicsr ships the published NIQE model parameters; only its data file is used, so its
+	# own (heavy, conflicting) requirements are not installed.
+	$(PY) -m pip install -q --no-deps "basicsr==1.4.2"
 	touch $@
 
 ## demo: restore the example photos in examples/ into restored/ with the shipped model
