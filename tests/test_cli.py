@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -64,7 +65,7 @@ def test_degrade_writes_image_and_sidecar_reproducibly(tmp_path, photo) -> None:
     args = ["degrade", str(src), "--task", "noise", "-p", "noise.sigma=25", "--seed", "7"]
     first = runner.invoke(app, [*args, "-o", str(tmp_path / "o1")])
     second = runner.invoke(app, [*args, "-o", str(tmp_path / "o2")])
-    assert first.exit_code == 1, first.output  # the broken file fails, the batch goes on
+    assert first.exit_code == second.exit_code == 1, first.output  # broken.png fails, rest goes on
     assert "broken.png" in first.stderr
     a, b = read_image(tmp_path / "o1" / "a.png"), read_image(tmp_path / "o2" / "a.png")
     assert np.array_equal(a.pixels, b.pixels)
@@ -143,3 +144,33 @@ def test_train_then_restore_with_the_trained_model(tmp_path, photo) -> None:
     assert restored.exit_code == 0, restored.output
     assert (tmp_path / "o" / "0.png").is_file()
     loader.clear_cache()
+
+
+def test_plan_json_lines_from_a_stdin_list(tmp_path, photo) -> None:
+    import json
+
+    from fapecli.training.degrade import degrade
+
+    _write_photo(tmp_path / "noisy.png", degrade(photo, "noise", seed=0, noise={"sigma": 30}).image)
+    _write_photo(tmp_path / "dark.png", degrade(photo, "lowlight", seed=0, severity=0.6).image)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    paths = "\n".join(str(tmp_path / n) for n in ("noisy.png", "dark.png", "broken.jpg"))
+    result = runner.invoke(app, ["plan", "--json"], input=paths + "\n")
+    assert result.exit_code == 1  # the broken file fails, the others are planned
+    records = {Path(r["input"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert records["noisy.png"]["plan"]["task"] == "denoise"
+    assert records["noisy.png"]["plan"]["band"] == "high"
+    assert records["dark.png"]["plan"]["task"] == "lowlight"
+    assert records["dark.png"]["plan"]["band"] == "low"
+    assert "error" in records["broken.jpg"] and "broken.jpg" in result.stderr
+
+
+def test_plan_line_form_round_trips(tmp_path, photo) -> None:
+    from fapecli.planning.plan import Plan
+
+    _write_photo(tmp_path / "a.png", photo)
+    result = runner.invoke(app, ["plan", str(tmp_path / "a.png"), "--line"])
+    assert result.exit_code == 0, result.output
+    path, line = result.stdout.rstrip("\n").split("\t")
+    assert path.endswith("a.png") and line.startswith("Task: ")
+    assert Plan.from_line(line).band in ("high", "low", "none")

@@ -354,4 +354,7 @@ def make_loader(ds: TrainSet, cfg: DataConfig, *, start_step: int, steps: int, r
     return DataLoader(ds, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
                       generator=gen,
                       worker_init_fn=_worker_init if cfg.workers else None,
+                      # spawn, not fork: a forked child inherits OpenCV's thread pool in
+                      # whatever state the parent left it and can deadlock on its first use
+                      multiprocessing_context="spawn" if cfg.workers else None,
                       persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
