@@ -48,6 +48,11 @@ class Reporter:
 
         self.err.print(f"[red]error:[/red] {escape(message)}")
 
+    def line(self, text: str) -> None:
+        """One plain line on stdout, byte for byte (no markup, tabs kept)."""
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
     def json(self, record: dict[str, Any]) -> None:
         """One JSON Lines record on stdout (flushed, so pipelines see it at once)."""
         sys.stdout.write(json.dumps(record, ensure_ascii=False, default=_json_default) + "\n")
