@@ -154,7 +154,7 @@ def plan(
         if json_out:
             report.json({"input": str(item.path), "plan": result.to_dict()})
         elif line:
-            report.out.print(f"{item.path}\t{result.to_line()}", markup=False)
+            report.line(f"{item.path}\t{result.to_line()}")
         else:
             rows.append((str(item.path), result))
     if rows:
@@ -312,6 +312,14 @@ def restore(
         str,
         typer.Option("--model", "-m", help="Model name in weights.toml, or a checkpoint folder."),
     ] = "fape-s",
+    executor: Annotated[
+        str,
+        typer.Option(
+            "--executor",
+            help="compact (fape-s family, CPU-friendly) or flux (FLUX.1 + trained adapters, "
+            "GPU; --model defaults to fape-flux-adapters).",
+        ),
+    ] = "compact",
     plan_file: Annotated[
         Path | None,
         typer.Option(
@@ -358,8 +366,7 @@ def restore(
     verbose: Verbose = False,
 ) -> None:
     """Restore images with the frequency-aware executor, planning each one first."""
-    from fapecli.loader import load_model
-    from fapecli.restore import restore_file
+    from fapecli.restore import load_executor, restore_file
 
     report = Reporter(quiet=quiet, verbose=verbose)
     if ext not in EXTENSIONS:
@@ -373,8 +380,8 @@ def restore(
             "'-o -' writes exactly one image to stdout (and cannot be mixed with --json)"
         )
     plans = _read_plans(plan_file) if plan_file else {}
-    net = load_model(model, device=device, precision=precision)
-    report.debug(f"model {model} on {net.device} ({net.dtype})")
+    net = load_executor(model, executor, device=device, precision=precision)
+    report.debug(f"model {model} ({executor}) on {net.device} ({net.dtype})")
     jobs, failures = _restore_jobs(items, output, suffix, ext, to_stdout, report, failures)
     done = skipped = 0
     for item, target in report.track(jobs, len(jobs), "restoring"):
@@ -585,7 +592,9 @@ def score(
 def train(
     config: Annotated[
         str,
-        typer.Argument(help="A TOML recipe, or a bundled one: fape-s (the default model), tiny."),
+        typer.Argument(
+            help="A TOML recipe, or a bundled one: fape-s (the default model), flux, tiny."
+        ),
     ] = "fape-s",
     overrides: Annotated[
         list[str] | None,
@@ -601,6 +610,14 @@ def train(
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Run folder (checkpoints, logs, final model)."),
+    ] = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            "--executor",
+            help="compact or flux (frozen FLUX + adapters; the flux recipe unless CONFIG is "
+            "given).",
+        ),
     ] = None,
     device: Device = "auto",
     print_config: Annotated[
@@ -619,6 +636,10 @@ def train(
     if "=" in config:  # `fape train key=value ...` with the default recipe
         items.insert(0, config)
         config = "fape-s"
+    if executor is not None:
+        if config == "fape-s" and executor == "flux":
+            config = "flux"
+        items.insert(0, f"model.executor={executor}")
     if resume is not None:
         items.append(f"resume={resume}")
     if out is not None:

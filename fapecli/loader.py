@@ -95,6 +95,15 @@ def _ensure_builders() -> None:
                 raise
 
 
+def path_kind(path: Path) -> str:
+    """The builder kind of a model given as a path, from the files it holds."""
+    if (path / "adapter_config.json").is_file() or path.name == "adapters.safetensors":
+        return "flux-executor"  # trained FLUX adapters (fapecli.execution.flux)
+    if (path / "transformer" / "config.json").is_file() and (path / "vae").is_dir():
+        return "flux-base"  # a diffusers FLUX snapshot: transformer/ + vae/
+    return "executor"
+
+
 def load_model(
     name: str | Path,
     *,
@@ -104,7 +113,8 @@ def load_model(
     """Build (once per process) the model `name` from weights.toml, or a model folder path.
 
     A path (a folder holding ``config.json`` + ``model.safetensors``, or the ``.safetensors``
-    file itself) loads an executor checkpoint directly, bypassing the manifest.
+    file itself) loads an executor checkpoint directly, bypassing the manifest; a folder of
+    FLUX adapters or a FLUX base folder is recognised by its files (see `path_kind`).
     """
     import torch
 
@@ -124,7 +134,7 @@ def load_model(
         ):
             if not path.exists():
                 raise WeightsError("model path does not exist", path)
-            entry = ModelEntry(name=str(path), kind="executor", source=str(path))
+            entry = ModelEntry(name=str(path), kind=path_kind(path), source=str(path))
             files = {"": path}
         else:
             entry = get_model(str(name))

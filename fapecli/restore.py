@@ -64,6 +64,37 @@ def make_plan(
     return plan
 
 
+EXECUTORS = ("compact", "flux")
+DEFAULT_MODELS = {"compact": "fape-s", "flux": "fape-flux-adapters"}
+
+
+def load_executor(
+    model: str | Path = "fape-s",
+    executor: str = "compact",
+    *,
+    device: str | torch.device | None = "auto",
+    precision: str | torch.dtype | None = "auto",
+) -> torch.nn.Module:
+    """The executor `model` through the shared loader, checked to be of kind `executor`.
+
+    With ``executor="flux"`` the compact default model name stands for the FLUX default
+    (``fape-flux-adapters``); a FLUX base name or folder gets fresh, untrained adapters.
+    """
+    from fapecli.errors import UsageError
+    from fapecli.loader import load_model
+
+    if executor not in EXECUTORS:
+        raise UsageError(f"--executor {executor!r}: use one of {', '.join(EXECUTORS)}")
+    if str(model) == DEFAULT_MODELS["compact"]:
+        model = DEFAULT_MODELS[executor]
+    net = load_model(model, device=device, precision=precision)
+    kind = getattr(net, "executor_kind", "compact")
+    if kind != executor:
+        raise UsageError(f"--model {model} is a {kind} executor; pass --executor {kind} "
+                         f"or a {executor} model")
+    return net
+
+
 def _to_tensor(rgb: np.ndarray, model: torch.nn.Module) -> torch.Tensor:
     """(1, 3, H, W) float32 on the model's device; a view of ``rgb`` on the CPU (no copy)."""
     x = torch.from_numpy(rgb.astype(np.float32, copy=False)).permute(2, 0, 1)[None]
@@ -87,8 +118,14 @@ def restore_image(
     tile: int | None = None,
     overlap: int = 32,
     explain: bool = False,
+    hidden: torch.Tensor | None = None,
 ) -> Restored:
-    """Restore one image with a compact executor (see `fapecli.loader.load_model`)."""
+    """Restore one image with an executor (see `fapecli.loader.load_model`).
+
+    ``hidden``: the planner's hidden states ``[tokens, hidden_size]`` for executors that take
+    them (the FLUX executor with a Qwen planner); tiles default to the executor's
+    ``default_tile`` when it has one.
+    """
     from fapecli.execution.compact import prepare_input
     from fapecli.execution.tiling import restore_tiled
 
@@ -99,7 +136,8 @@ def restore_image(
             image.with_pixels(image.pixels), plan, time.perf_counter() - start, skipped="clean"
         )
     x = prepare_input(_to_tensor(image.rgb, model), plan)
-    tokens = model.plan_tokens(plan)
+    tokens = model.plan_tokens(plan) if hidden is None else model.plan_tokens(plan, hidden)
+    tile = tile or getattr(model, "default_tile", None)
     with torch.inference_mode():
         result = restore_tiled(
             lambda t: model(t, tokens=tokens),

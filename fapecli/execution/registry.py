@@ -1,4 +1,5 @@
-"""Loader builders for executor checkpoints (``kind = "executor"`` in weights.toml)."""
+"""Loader builders for executors: fape-s checkpoints (``kind = "executor"`` in weights.toml),
+FLUX bases (``"flux-base"``) and trained FLUX adapters (``"flux-executor"``)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,38 @@ def build_executor(
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsError(f"cannot load executor {entry.name!r}: {first}", path) from None
+
+
+def _flux(entry: ModelEntry, device: torch.device, dtype: torch.dtype, **kw) -> torch.nn.Module:
+    """Build a FLUX executor; one-line errors for unreadable configs or weights."""
+    from fapecli.execution.flux_load import build_flux_executor as build
+
+    try:
+        return build(device=device, dtype=dtype, **kw)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsError(f"cannot load FLUX executor {entry.name!r}: {first}") from None
+
+
+@register_builder("flux-base")
+def build_flux_base(
+    entry: ModelEntry, files: dict[str, Path], device: torch.device, dtype: torch.dtype
+) -> torch.nn.Module:
+    """A FLUX base (a weights.toml ``flux-base`` or a folder with transformer/ and vae/) with
+    freshly initialised, untrained adapters: FLUX's own one-step reading, for smoke tests."""
+    if "" in files:
+        base: str | Path = files[""]
+    else:
+        base = entry.name
+    return _flux(entry, device, dtype, base=base)
+
+
+@register_builder("flux-executor")
+def build_flux_adapters(
+    entry: ModelEntry, files: dict[str, Path], device: torch.device, dtype: torch.dtype
+) -> torch.nn.Module:
+    """Trained FLUX adapters (adapter_config.json + adapters.safetensors) on their base."""
+    from fapecli.execution.flux import ADAPTER_CONFIG
+
+    folder = files[""] if "" in files else files[ADAPTER_CONFIG].parent
+    return _flux(entry, device, dtype, adapters=folder)

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``<out_dir>/checkpoints/step-0001000/``::
 
-    model/                       generator weights (``save_pretrained``: config.json + weights)
+    model/                       generator weights (``save_pretrained``: config.json + weights;
+                                 the FLUX executor writes only its adapters)
     ema/                         EMA generator weights, same layout (usable by ``fape restore``)
     discriminator.safetensors    discriminator weights (a frozen backbone is left out)
     training_state.safetensors   optimiser state tensors and RNG states
@@ -109,6 +110,9 @@ def save_module(module: nn.Module, folder: Path) -> None:
 
 
 def load_module(module: nn.Module, folder: Path) -> None:
+    if hasattr(module, "load_adapters"):  # executors that save only their adapters (FLUX)
+        module.load_adapters(folder)
+        return
     state = load_file(str(folder / WEIGHTS))
     ref = module.state_dict()
     state = {k: v.to(dtype=ref[k].dtype) if k in ref else v for k, v in state.items()}

@@ -33,6 +33,7 @@ PERCEPTUAL_KINDS = ("lpips", "msssim", "fft", "none")
 ADV_KINDS = ("hinge", "ns")
 DISC_BACKBONES = ("auto", "siglip", "conv")
 TRAIN_PARAMS = ("all", "adapters")
+EXECUTORS = ("compact", "flux")
 
 
 def _default_mix() -> dict[str, float]:
@@ -61,10 +62,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    executor: str = "compact"  # "compact" (fape-s family) or "flux" (frozen FLUX + adapters)
     preset: str = "fape-s"  # a size preset of the compact executor
-    overrides: dict[str, Any] = field(default_factory=dict)  # FapeSConfig field overrides
-    init: str = ""  # a model folder to start from ("" = from scratch)
+    overrides: dict[str, Any] = field(default_factory=dict)  # FapeSConfig / FluxAdapterConfig
+    init: str = ""  # a model (flux: adapters) folder to start from ("" = from scratch)
     train_params: str = "all"  # "all" (from scratch) or "adapters" (LoRA experts/routers/plan)
+    base: str = "flux.1-dev"  # flux: weights.toml name or folder with transformer/ and vae/
 
 
 @dataclass
@@ -343,6 +346,9 @@ def validate(cfg: TrainConfig) -> None:
         need(getattr(cfg.loss, name) >= 0, f"loss.{name} must be >= 0")
     need(cfg.model.train_params in TRAIN_PARAMS,
          f"model.train_params must be one of {TRAIN_PARAMS}")
+    need(cfg.model.executor in EXECUTORS, f"model.executor must be one of {EXECUTORS}")
+    need(cfg.model.executor != "flux" or cfg.model.train_params == "adapters",
+         "model.executor = 'flux' trains only its adapters: set model.train_params = 'adapters'")
     need(len(cfg.optim.betas) == 2 and len(cfg.optim.disc_betas) == 2, "betas need two values")
     need(cfg.threads >= 0, "threads must be >= 0")
     need(cfg.optim.d0 > 0, "optim.d0 must be > 0")

@@ -2,6 +2,9 @@
 
 One process or many: ``fape train CONFIG`` runs on one device; ``accelerate launch -m fapecli
 train CONFIG`` gives DDP (each rank draws its own samples, see :mod:`fapecli.training.data`).
+The executor comes from :data:`EXECUTORS`, a factory per ``model.executor`` kind: the compact
+fape-s family, or ``flux`` (a frozen FLUX transformer and VAE with trainable LoRA-MoE adapters,
+routers and projectors, gradient checkpointing; see :mod:`fapecli.execution.flux`).
 Per step: the generator (the executor) restores a batch of lq crops conditioned on their
 plans; its loss is :func:`~fapecli.training.losses.generator_loss`; from ``loss.adv_start`` on
 the discriminator is trained on (gt, restored) and its logits enter the generator's loss.
@@ -61,6 +64,8 @@ class EMA:
         d = min(self.decay, (1 + step) / (10 + step))  # short memory while young
         src = model.state_dict()
         for k, v in self.module.state_dict().items():
+            if v.data_ptr() == src[k].data_ptr():  # shared frozen tensors (FLUX base)
+                continue
             if v.is_floating_point():
                 v.lerp_(src[k].to(v.dtype), 1 - d)
             else:
@@ -68,8 +73,35 @@ class EMA:
 
 
 # ------------------------------------------------------------------------------- setup
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The executor to train: a preset (with overrides) from scratch, or ``init`` weights."""
+ExecutorFactory = Callable[..., nn.Module]
+EXECUTORS: dict[str, ExecutorFactory] = {}
+
+
+def register_executor(kind: str) -> Callable[[ExecutorFactory], ExecutorFactory]:
+    """Decorator: ``@register_executor("flux")`` makes ``model.executor = "flux"`` buildable."""
+
+    def deco(fn: ExecutorFactory) -> ExecutorFactory:
+        EXECUTORS[kind] = fn
+        return fn
+
+    return deco
+
+
+def build_model(cfg: ModelConfig, *, device: torch.device | None = None,
+                dtype: torch.dtype | None = None, batch: int = 1,
+                side: int | None = None) -> nn.Module:
+    """The executor to train, by ``cfg.executor``. ``device``/``dtype`` are where the frozen
+    part may be built directly (large bases); ``batch`` x ``side`` crops size the memory check.
+    """
+    factory = EXECUTORS.get(cfg.executor)
+    if factory is None:
+        raise UsageError(f"model.executor {cfg.executor!r}: use one of {', '.join(EXECUTORS)}")
+    return factory(cfg, device=device, dtype=dtype, batch=batch, side=side)
+
+
+@register_executor("compact")
+def build_compact(cfg: ModelConfig, **_: Any) -> nn.Module:
+    """A compact preset (with overrides) from scratch, or ``init`` weights (on the CPU)."""
     from fapecli.execution.compact import FapeS, create_model
 
     if cfg.init:
@@ -82,6 +114,29 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         raise UsageError(f"model.preset: {exc.args[0]}") from None
     except (TypeError, ValueError) as exc:
         raise UsageError(f"model.overrides: {exc}") from None
+
+
+@register_executor("flux")
+def build_flux(cfg: ModelConfig, *, device: torch.device | None = None,
+               dtype: torch.dtype | None = None, batch: int = 1,
+               side: int | None = None) -> nn.Module:
+    """FLUX base (``model.base``) with fresh adapters (``model.overrides`` = FluxAdapterConfig
+    fields) or the adapters of ``model.init``; frozen base, fp32 adapters, checkpointing."""
+    from fapecli.execution.flux import FluxAdapterConfig
+    from fapecli.execution.flux_load import build_flux_executor
+
+    if cfg.init and not Path(cfg.init).exists():
+        raise UsageError("model.init: no such adapters folder", cfg.init)
+    if cfg.init and cfg.overrides:
+        raise UsageError("model.overrides cannot change the adapters of model.init")
+    try:
+        config = FluxAdapterConfig(**cfg.overrides)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"model.overrides: {exc}") from None
+    return build_flux_executor(cfg.base or None, adapters=cfg.init or None, config=config,
+                               device=device or torch.device("cpu"),
+                               dtype=dtype or torch.float32, training=True, batch=batch,
+                               side=side)
 
 
 def select_trainable(model: nn.Module, mode: str) -> list[nn.Parameter]:
@@ -97,6 +152,9 @@ def select_trainable(model: nn.Module, mode: str) -> list[nn.Parameter]:
             elif isinstance(m, FrequencyAwareLoRAMoE):
                 for name, p in m.named_parameters():
                     p.requires_grad_(not name.startswith("base."))
+        if hasattr(model, "adapter_parameters"):  # projectors etc. of a FLUX executor
+            for p in model.adapter_parameters():
+                p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UsageError(f"model.train_params={mode!r} leaves nothing to train in this model")
@@ -264,7 +322,10 @@ def _build(cfg: TrainConfig, acc: Any, model: nn.Module | None) -> tuple[_Parts,
     from fapecli.training.discriminator import build_discriminator
 
     sc, lc, oc = cfg.schedule, cfg.loss, cfg.optim
-    gen = model if model is not None else build_model(cfg.model)
+    bf16 = sc.bf16 and acc.device.type == "cuda"
+    gen = model if model is not None else build_model(
+        cfg.model, device=acc.device, dtype=torch.bfloat16 if bf16 else torch.float32,
+        batch=cfg.data.batch_size, side=cfg.data.crop)
     g_params = select_trainable(gen, cfg.model.train_params)
     opt_g = Prodigy(g_params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay,
                     d_coef=oc.d_coef, d0=oc.d0, use_bias_correction=True,
