@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -52,6 +53,7 @@ from fapecli.execution.moe import (
     collect_moe_layers,
     inject_lora_moe,
     plan_context,
+    set_plan_tokens,
 )
 from fapecli.planning.plan import Plan
 
@@ -312,7 +314,15 @@ class FluxExecutor(nn.Module):
                     if self.transformer.config.guidance_embeds else None)
         txt_ids = torch.zeros(cond.context.shape[1], 3, device=dev, dtype=dt)
         img_ids = latent_image_ids(h // 2, w // 2, dev, dt)
-        with plan_context(self.transformer, cond.tokens):
+        # Gradient checkpointing re-runs the blocks during backward, after a `with` block
+        # would have cleared the routers' plan tokens: in training they stay set (replaced by
+        # the next forward) so the recomputation routes exactly as the forward did.
+        recompute = torch.is_grad_enabled() and getattr(
+            self.transformer, "is_gradient_checkpointing", False)
+        context = nullcontext() if recompute else plan_context(self.transformer, cond.tokens)
+        if recompute:
+            set_plan_tokens(self.transformer, cond.tokens)
+        with context:
             v = self.transformer(hidden_states=tokens, encoder_hidden_states=cond.context.to(dt),
                                  pooled_projections=cond.pooled.to(dt), timestep=timestep,
                                  img_ids=img_ids, txt_ids=txt_ids, guidance=guidance,
