@@ -48,7 +48,7 @@ class Estimate:
     params: int
     dtype: torch.dtype
     activation_bytes: float = 0.0
-    extra_bytes: float = 0.0  # trainable copies, gradients, optimiser state, ...
+    extra_bytes: float = 0.0  # adapters; in training their gradients, optimiser state, EMA
 
     @property
     def weight_bytes(self) -> float:
@@ -65,7 +65,7 @@ def describe(parts: list[Estimate]) -> str:
     extra = sum(p.extra_bytes for p in parts)
     act = sum(p.activation_bytes for p in parts)
     terms = [f"{gib(weights)} weights"]
-    terms += [f"{gib(extra)} training state"] if extra else []
+    terms += [f"{gib(extra)} adapters (+ training state)"] if extra else []
     terms += [f"{gib(act)} activations"] if act else []
     dtypes = "/".join(dict.fromkeys(dtype_name(p.dtype) for p in parts))
     return (f"~{gib(weights + extra + act)} at {dtypes} "
