@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -27,3 +28,12 @@ def photo() -> np.ndarray:
     from skimage import data
 
     return (data.astronaut()[::2, ::2].astype(np.float32) / 255.0).copy()
+
+
+@pytest.fixture
+def one_thread():
+    """The CI machine is small and shared: one torch thread is much faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
