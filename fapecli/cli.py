@@ -120,6 +120,16 @@ def _exit_for(failures: int) -> None:
 # --------------------------------------------------------------------------- plan
 
 
+PlannerModel = Annotated[
+    str,
+    typer.Option(
+        "--planner-model",
+        help="Qwen planner: a weights.toml planner name (qwen2.5-vl-3b, qwen2.5-vl-7b) or a "
+        "Qwen2.5-VL model folder.",
+    ),
+]
+
+
 @app.command()
 @_handles_errors
 def plan(
@@ -129,22 +139,47 @@ def plan(
         bool,
         typer.Option("--line", help="Print the FAPE-IR one-line form 'Task: ..., Focus: ...'."),
     ] = False,
-    planner: Annotated[str, typer.Option("--planner", help="Which planner: rules.")] = "rules",
+    planner: Annotated[
+        str,
+        typer.Option(
+            "--planner",
+            help="rules (feature pool + expert rule), qwen (Qwen2.5-VL, falls back to the rules "
+            "when its answer is unusable) or both (side by side; with --json each record has "
+            "'plan' from qwen and 'rules'; with --line the qwen and rules lines, tab-separated).",
+        ),
+    ] = "rules",
+    planner_model: PlannerModel = "qwen2.5-vl-3b",
     device: Device = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Say what is wrong with each image, in which frequency band, and how to restore it."""
+    from rich.markup import escape
+
     from fapecli.io import read_image
     from fapecli.planning import plan as make_plan
 
+    if planner not in ("rules", "qwen", "both"):
+        raise UsageError(f"--planner {planner!r}: use rules, qwen or both")
     report = Reporter(quiet=quiet, verbose=verbose)
     items, failures = _collect_inputs(inputs, report)
+    qwen = None
+    if planner != "rules" and items:
+        from fapecli.planning.qwen import load_planner
+
+        qwen = load_planner(planner_model, device=device)
     rows = []
     for item in report.track(items, len(items), "planning"):
         try:
             image = read_image(item.path)
-            result = make_plan(image, planner=planner)
+            rules = None
+            if qwen is None:
+                result = make_plan(image, planner="rules")
+            else:
+                answer = qwen.run(image, warn=False)
+                for message in answer.warnings:
+                    report.warn(escape(f"{item.path}: {message}"))
+                result, rules = answer.plan, (answer.rules if planner == "both" else None)
         except FapeError as exc:
             failures += 1
             report.error(str(exc))
@@ -152,15 +187,23 @@ def plan(
                 report.json({"input": str(item.path), "error": str(exc)})
             continue
         if json_out:
-            report.json({"input": str(item.path), "plan": result.to_dict()})
+            record = {"input": str(item.path), "plan": result.to_dict()}
+            if rules is not None:
+                record["rules"] = rules.to_dict()
+                record["agree"] = result.task == rules.task
+            report.json(record)
         elif line:
-            report.line(f"{item.path}\t{result.to_line()}")
+            extra = f"\t{rules.to_line()}" if rules is not None else ""
+            report.line(f"{item.path}\t{result.to_line()}{extra}")
         else:
-            rows.append((str(item.path), result))
+            rows.append((str(item.path), result, rules))
     if rows:
-        from fapecli.render import plan_table
+        from fapecli.render import plan_compare_table, plan_table
 
-        report.out.print(plan_table(rows, verbose=verbose))
+        if planner == "both":
+            report.out.print(plan_compare_table(rows, verbose=verbose))
+        else:
+            report.out.print(plan_table([(p, r) for p, r, _ in rows], verbose=verbose))
     _exit_for(failures)
 
 
@@ -320,6 +363,15 @@ def restore(
             "GPU; --model defaults to fape-flux-adapters).",
         ),
     ] = "compact",
+    planner: Annotated[
+        str,
+        typer.Option(
+            "--planner",
+            help="Who plans each image without --plan/--task: rules, or qwen (Qwen2.5-VL; the "
+            "rule plan stands in when its answer is unusable).",
+        ),
+    ] = "rules",
+    planner_model: PlannerModel = "qwen2.5-vl-3b",
     plan_file: Annotated[
         Path | None,
         typer.Option(
@@ -379,8 +431,17 @@ def restore(
         raise UsageError(
             "'-o -' writes exactly one image to stdout (and cannot be mixed with --json)"
         )
+    if planner not in ("rules", "qwen"):
+        raise UsageError(f"--planner {planner!r}: use rules or qwen")
+    if planner == "qwen" and task is None and items and items[0].is_stdin:
+        raise UsageError("--planner qwen needs image files (an image on stdin is read once)")
     plans = _read_plans(plan_file) if plan_file else {}
     net = load_executor(model, executor, device=device, precision=precision)
+    qwen = None
+    if planner == "qwen" and task is None and items:
+        from fapecli.planning.qwen import load_planner
+
+        qwen = load_planner(planner_model, device=device, precision=precision)
     report.debug(f"model {model} ({executor}) on {net.device} ({net.dtype})")
     jobs, failures = _restore_jobs(items, output, suffix, ext, to_stdout, report, failures)
     done = skipped = 0
@@ -390,17 +451,21 @@ def restore(
             report.debug(f"skip {target} (exists; --overwrite replaces it)")
             continue
         try:
+            plan, extra = _plan_for(item, plans), {}
+            if qwen is not None and plan is None:
+                plan, extra = _qwen_plan(qwen, item, net, report)
             restored, written = restore_file(
                 item.path,
                 target if target is not None else "-",
                 net,
-                plan=_plan_for(item, plans),
+                plan=plan,
                 task=task,
                 scale=scale,
                 tile=tile or None,
                 overlap=overlap,
                 quality=quality,
                 explain=explain,
+                **extra,
             )
         except FapeError as exc:
             failures += 1
@@ -481,6 +546,20 @@ def _plan_for(item, plans: dict[str, Plan]) -> Plan | None:
     if not plans:
         return None
     return plans.get(str(item.path)) or plans.get(str(item.path.resolve()))
+
+
+def _qwen_plan(qwen, item, net, report: Reporter) -> tuple[Plan, dict[str, Any]]:
+    """The Qwen plan of one input for `restore`, and its hidden states as an extra option
+    when the executor takes them (FLUX adapters with a hidden-state projector)."""
+    from rich.markup import escape
+
+    answer = qwen.run(item.path, warn=False)
+    for message in answer.warnings:
+        report.warn(escape(f"{item.path}: {message}"))
+    takes_hidden = getattr(getattr(net, "cond", None), "hidden", None) is not None
+    if takes_hidden and answer.hidden is not None:
+        return answer.plan, {"hidden": answer.hidden}
+    return answer.plan, {}
 
 
 @app.command()

@@ -87,7 +87,8 @@ def _ensure_builders() -> None:
     """Import the modules that register builders (lazily: they import torch and friends)."""
     import importlib
 
-    for module in ("fapecli.execution.registry", "fapecli.scoring.metrics"):
+    modules = ("fapecli.execution.registry", "fapecli.scoring.metrics", "fapecli.planning.qwen")
+    for module in modules:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -101,7 +102,19 @@ def path_kind(path: Path) -> str:
         return "flux-executor"  # trained FLUX adapters (fapecli.execution.flux)
     if (path / "transformer" / "config.json").is_file() and (path / "vae").is_dir():
         return "flux-base"  # a diffusers FLUX snapshot: transformer/ + vae/
+    if _is_qwen_folder(path):
+        return "planner"  # a transformers Qwen2.5-VL checkpoint (fapecli.planning.qwen)
     return "executor"
+
+
+def _is_qwen_folder(path: Path) -> bool:
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "qwen2_5_vl"
 
 
 def load_model(

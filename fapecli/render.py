@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from fapecli.planning.plan import Plan
@@ -25,6 +26,34 @@ def plan_table(rows: Sequence[tuple[str, Plan]], *, verbose: bool = False) -> Ta
         if verbose:
             cells.append(" -> ".join(plan.pipeline))
             cells.append(" ".join(f"{k}={v:.2f}" for k, v in plan.scores.items()))
+        table.add_row(*cells)
+    return table
+
+
+def plan_compare_table(
+    rows: Sequence[tuple[str, Plan, Plan | None]], *, verbose: bool = False
+) -> Table:
+    """`fape plan --planner both`: per image the Qwen plan (or its rule fallback) beside the
+    rule planner's, and whether their tasks agree."""
+    table = Table(show_lines=False, header_style="bold")
+    table.add_column("image", overflow="fold")
+    table.add_column("rules")
+    table.add_column("qwen")
+    table.add_column("agree")
+    table.add_column("qwen rationale", overflow="fold")
+    if verbose:
+        table.add_column("rules rationale", overflow="fold")
+        table.add_column("qwen answer", overflow="fold")
+    for path, qwen, rules in rows:
+        rules = rules or qwen
+        shown = f"{qwen.task} ({qwen.band})"
+        if qwen.fallback:
+            shown += " [rules fallback]"
+        agree = "[green]yes[/green]" if qwen.task == rules.task else "[red]no[/red]"
+        why = qwen.fallback if qwen.fallback else qwen.rationale
+        cells = [escape(path), f"{rules.task} ({rules.band})", escape(shown), agree, escape(why)]
+        if verbose:
+            cells += [escape(rules.rationale), escape(qwen.raw or "-")]
         table.add_row(*cells)
     return table
 

@@ -29,6 +29,8 @@ class Plan:
     features: dict[str, float] = field(default_factory=dict)  # raw feature-pool values
     source: str = "rules"  # which planner produced it: "rules" or "qwen"
     raw: str | None = None  # the planner's raw answer, when it was a language model
+    # why a language-model planner's answer was not used (the plan is then the rule plan)
+    fallback: str | None = None
     scale: int | None = None  # super-resolution factor, when task is "sr"
 
     def __post_init__(self) -> None:
