@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape as markup_escape
 
 from fapecli import __version__
 from fapecli.console import Reporter
@@ -433,15 +434,13 @@ def restore(
         )
     if planner not in ("rules", "qwen"):
         raise UsageError(f"--planner {planner!r}: use rules or qwen")
-    if planner == "qwen" and task is None and items and items[0].is_stdin:
-        raise UsageError("--planner qwen needs image files (an image on stdin is read once)")
     plans = _read_plans(plan_file) if plan_file else {}
     net = load_executor(model, executor, device=device, precision=precision)
-    qwen = None
+    chosen_planner: Any = "rules"
     if planner == "qwen" and task is None and items:
         from fapecli.planning.qwen import load_planner
 
-        qwen = load_planner(planner_model, device=device, precision=precision)
+        chosen_planner = load_planner(planner_model, device=device, precision=precision)
     report.debug(f"model {model} ({executor}) on {net.device} ({net.dtype})")
     jobs, failures = _restore_jobs(items, output, suffix, ext, to_stdout, report, failures)
     done = skipped = 0
@@ -451,21 +450,18 @@ def restore(
             report.debug(f"skip {target} (exists; --overwrite replaces it)")
             continue
         try:
-            plan, extra = _plan_for(item, plans), {}
-            if qwen is not None and plan is None:
-                plan, extra = _qwen_plan(qwen, item, net, report)
             restored, written = restore_file(
                 item.path,
                 target if target is not None else "-",
                 net,
-                plan=plan,
+                plan=_plan_for(item, plans),
+                planner=chosen_planner,
                 task=task,
                 scale=scale,
                 tile=tile or None,
                 overlap=overlap,
                 quality=quality,
                 explain=explain,
-                **extra,
             )
         except FapeError as exc:
             failures += 1
@@ -474,6 +470,8 @@ def restore(
                 report.json({"input": str(item.path), "error": str(exc)})
             continue
         done += 1
+        for message in restored.warnings:
+            report.warn(markup_escape(f"{item.path}: {message}"))
         record = {
             "input": str(item.path),
             "output": str(written),
@@ -546,20 +544,6 @@ def _plan_for(item, plans: dict[str, Plan]) -> Plan | None:
     if not plans:
         return None
     return plans.get(str(item.path)) or plans.get(str(item.path.resolve()))
-
-
-def _qwen_plan(qwen, item, net, report: Reporter) -> tuple[Plan, dict[str, Any]]:
-    """The Qwen plan of one input for `restore`, and its hidden states as an extra option
-    when the executor takes them (FLUX adapters with a hidden-state projector)."""
-    from rich.markup import escape
-
-    answer = qwen.run(item.path, warn=False)
-    for message in answer.warnings:
-        report.warn(escape(f"{item.path}: {message}"))
-    takes_hidden = getattr(getattr(net, "cond", None), "hidden", None) is not None
-    if takes_hidden and answer.hidden is not None:
-        return answer.plan, {"hidden": answer.hidden}
-    return answer.plan, {}
 
 
 @app.command()

@@ -33,6 +33,19 @@ class Restored:
     skipped: str | None = None  # "clean" when the plan found nothing to restore
     routing: np.ndarray | None = None  # high-band expert share per pixel (preview size)
     routing_summary: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. the Qwen planner fell back
+
+
+Planner = Any  # "rules", or a loaded planner with ``run(image)`` (`fapecli.planning.qwen`)
+
+
+@dataclass
+class Planned:
+    """A plan with what its planner produced beside it."""
+
+    plan: Plan
+    hidden: torch.Tensor | None = None  # the planner's hidden states (Qwen), if any
+    warnings: list[str] = field(default_factory=list)
 
 
 def make_plan(
@@ -41,17 +54,39 @@ def make_plan(
     plan: Plan | None = None,
     task: str | None = None,
     scale: int | None = None,
-    planner: str = "rules",
+    planner: Planner = "rules",
 ) -> Plan:
-    """The given plan, a forced ``task``'s plan, or the planner's; ``scale`` forces SR by it."""
+    """The given plan, a forced ``task``'s plan, or the planner's; ``scale`` forces SR by it.
+
+    ``planner``: a planner name for `fapecli.planning.plan` or a loaded planner object
+    (`fapecli.planning.qwen.QwenPlanner`); see `plan_with` for its hidden states too.
+    """
+    return plan_with(image, plan=plan, task=task, scale=scale, planner=planner).plan
+
+
+def plan_with(
+    image: Image,
+    *,
+    plan: Plan | None = None,
+    task: str | None = None,
+    scale: int | None = None,
+    planner: Planner = "rules",
+) -> Planned:
+    """`make_plan` keeping the planner's hidden states and warnings (a Qwen fallback)."""
     from fapecli.execution.conditioning import plan_for_task
     from fapecli.planning import plan as plan_image
 
-    if plan is None and task is not None and normalize_task(task) != NONE:
-        plan = plan_for_task(task, scale=scale)
-        plan.source, plan.rationale = "user", f"task forced by the user ({plan.task})"
-    elif plan is None:
-        plan = plan_image(image, planner=planner)
+    planned = Planned(plan) if plan is not None else None
+    if planned is None and task is not None and normalize_task(task) != NONE:
+        forced = plan_for_task(task, scale=scale)
+        forced.source, forced.rationale = "user", f"task forced by the user ({forced.task})"
+        planned = Planned(forced)
+    elif planned is None and isinstance(planner, str):
+        planned = Planned(plan_image(image, planner=planner))
+    elif planned is None:
+        answer = planner.run(image, warn=False)
+        planned = Planned(answer.plan, answer.hidden, list(answer.warnings))
+    plan = planned.plan
     if scale and scale > 1:
         if plan.task == NONE:
             plan = plan_for_task("sr", scale=scale)
@@ -61,7 +96,8 @@ def make_plan(
         plan.scale = scale
     elif "sr" in plan.tasks and not plan.scale:
         plan.scale = 2
-    return plan
+    planned.plan = plan
+    return planned
 
 
 EXECUTORS = ("compact", "flux")
@@ -95,6 +131,11 @@ def load_executor(
     return net
 
 
+def takes_hidden(model: torch.nn.Module) -> bool:
+    """Whether the executor's plan encoder projects planner hidden states (FLUX adapters)."""
+    return getattr(getattr(model, "cond", None), "hidden", None) is not None
+
+
 def _to_tensor(rgb: np.ndarray, model: torch.nn.Module) -> torch.Tensor:
     """(1, 3, H, W) float32 on the model's device; a view of ``rgb`` on the CPU (no copy)."""
     x = torch.from_numpy(rgb.astype(np.float32, copy=False)).permute(2, 0, 1)[None]
@@ -118,23 +159,27 @@ def restore_image(
     tile: int | None = None,
     overlap: int = 32,
     explain: bool = False,
+    planner: Planner = "rules",
     hidden: torch.Tensor | None = None,
 ) -> Restored:
     """Restore one image with an executor (see `fapecli.loader.load_model`).
 
-    ``hidden``: the planner's hidden states ``[tokens, hidden_size]`` for executors that take
-    them (the FLUX executor with a Qwen planner); tiles default to the executor's
-    ``default_tile`` when it has one.
+    ``planner`` plans the image when neither ``plan`` nor ``task`` is given: "rules" or a
+    loaded Qwen planner, whose hidden states condition executors that take them (the FLUX
+    executor with a hidden-state projector). ``hidden`` passes such states directly. Tiles
+    default to the executor's ``default_tile`` when it has one.
     """
     from fapecli.execution.compact import prepare_input
     from fapecli.execution.tiling import restore_tiled
 
     start = time.perf_counter()
-    plan = make_plan(image, plan=plan, task=task, scale=scale)
+    planned = plan_with(image, plan=plan, task=task, scale=scale, planner=planner)
+    plan, notes = planned.plan, planned.warnings
+    if hidden is None and takes_hidden(model):
+        hidden = planned.hidden
     if plan.task == NONE:
-        return Restored(
-            image.with_pixels(image.pixels), plan, time.perf_counter() - start, skipped="clean"
-        )
+        return Restored(image.with_pixels(image.pixels), plan, time.perf_counter() - start,
+                        skipped="clean", warnings=notes)
     x = prepare_input(_to_tensor(image.rgb, model), plan)
     tokens = model.plan_tokens(plan) if hidden is None else model.plan_tokens(plan, hidden)
     tile = tile or getattr(model, "default_tile", None)
@@ -150,9 +195,8 @@ def restore_image(
     _check(out, image.pixels, image.source)
     if image.is_grey:
         out = out.mean(axis=2, keepdims=True)
-    restored = Restored(
-        image.with_pixels(out), plan, time.perf_counter() - start, tiles=result.tiles
-    )
+    restored = Restored(image.with_pixels(out), plan, time.perf_counter() - start,
+                        tiles=result.tiles, warnings=notes)
     if explain:
         restored.routing, restored.routing_summary = routing_preview(model, x, tokens)
     return restored

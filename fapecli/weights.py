@@ -163,6 +163,10 @@ def find_file(entry: ModelEntry, file: FileEntry) -> Path | None:
 
 
 def missing_message(entry: ModelEntry, file: FileEntry) -> str:
+    if entry.bundled:  # the file should have come with the package itself
+        return (f"model {entry.name!r} ships inside the package, but {BUNDLED_DIR / file.path} "
+                f"is missing: reinstall fape, or put {file.path} in a folder named by "
+                f"${ENV_WEIGHTS}")
     where = cache_dir(entry) / file.path
     how = [f"put it at {where}", f"or in a folder named by ${ENV_WEIGHTS}"]
     if file.url:

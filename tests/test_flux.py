@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from fapecli.cli import app
+from fapecli.errors import FapeError
 from fapecli.execution.conditioning import plan_for_task
 from fapecli.execution.flux import (
     FluxAdapterConfig,
@@ -223,5 +224,5 @@ def test_planner_hidden_states_extend_the_conditioning(base: Path) -> None:
         with_hidden = ex(x, tokens=cond)
         plain = ex(x, tokens=ex.plan_tokens(plan))
     assert with_hidden.shape == x.shape and not torch.allclose(with_hidden, plain)
-    with pytest.raises(ValueError, match="width 7"):
-        ex.plan_tokens(plan, torch.randn(3, 7))
+    with pytest.raises(FapeError, match="are 7 wide but these adapters were trained on 24"):
+        ex.plan_tokens(plan, torch.randn(3, 7))  # one line for the CLI, not a traceback

@@ -350,26 +350,36 @@ def test_cli_rejects_unknown_planner(photo_file) -> None:
 
 def test_cli_restore_takes_the_qwen_planner(tiny_folder, photo_file, tmp_path,
                                             monkeypatch) -> None:
-    import fapecli.restore as restore
+    from fapecli.execution.compact import create_model
 
     answer = "Task: denoise, Focus: high, Rationale: grain, Pipeline: smooth grain"
     monkeypatch.setattr(QwenPlanner, "generate", lambda self, image, prompt: (answer, None))
-    seen = {}
-
-    def fake_restore_file(source, target, net, *, plan=None, **options):
-        seen["plan"], seen["options"] = plan, options
-        raise restore.FapeError("stop here")
-
-    monkeypatch.setattr(restore, "load_executor", lambda *a, **k: type("N", (), {
-        "device": "cpu", "dtype": torch.float32})())
-    monkeypatch.setattr(restore, "restore_file", fake_restore_file)
+    model_dir = create_model("fape-tiny").save_pretrained(tmp_path / "tiny-exec")
     clear_cache()
-    result = runner.invoke(app, ["restore", str(photo_file), "-o", str(tmp_path / "out"),
-                                 "--planner", "qwen", "--planner-model", str(tiny_folder),
-                                 "--device", "cpu"])
-    assert result.exit_code == 1 and "stop here" in result.stderr
-    assert seen["plan"].source == "qwen" and seen["plan"].task == "denoise"
-    assert "hidden" not in seen["options"]  # the compact executor takes no hidden states
+    base = ["restore", "--planner", "qwen", "--planner-model", str(tiny_folder),
+            "--model", str(model_dir), "--device", "cpu"]
+    result = runner.invoke(app, [*base, str(photo_file), "-o", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["plan"]["source"] == "qwen" and record["plan"]["task"] == "denoise"
+    assert (tmp_path / "out" / photo_file.name).is_file()
+    # an image on stdin is planned from the same decoded pixels (read once)
+    piped = runner.invoke(app, [*base, "-", "-o", "-"], input=photo_file.read_bytes())
+    assert piped.exit_code == 0, piped.output
+    assert piped.stdout_bytes[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_library_restore_plans_with_a_loaded_qwen_planner(planner, photo,
+                                                          monkeypatch) -> None:
+    from fapecli.execution.compact import create_model
+    from fapecli.io import from_array
+    from fapecli.restore import restore_image
+
+    answers = _scripted(planner, monkeypatch, ["not an answer", "still nothing"])
+    restored = restore_image(from_array(photo), create_model("fape-tiny").eval(),
+                             planner=planner)
+    assert len(answers) == 2 and restored.plan.fallback is not None
+    assert restored.warnings and "rule planner" in restored.warnings[0]
 
 
 # ------------------------------------------------------------------- (e) memory guard

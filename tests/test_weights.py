@@ -40,6 +40,19 @@ def test_missing_file_error_names_file_and_remedies(tmp_path: Path, monkeypatch)
     )
 
 
+def test_missing_bundled_file_names_the_package_path(tmp_path: Path, monkeypatch) -> None:
+    m = _manifest(tmp_path, '[models.toy]\nkind = "executor"\nbundled = true\n'
+                            '[[models.toy.files]]\npath = "toy/config.json"\n')
+    monkeypatch.setenv("FAPE_WEIGHTS_MANIFEST", str(m))
+    monkeypatch.setattr(weights, "BUNDLED_DIR", tmp_path / "models")
+    with pytest.raises(WeightsError) as err:
+        weights.locate("toy")
+    text = str(err.value)
+    assert "ships inside the package" in text
+    assert str(tmp_path / "models" / "toy" / "config.json") in text
+    assert "toy/toy/" not in text and "reinstall" in text
+
+
 def test_lookup_order_and_verify(tmp_path: Path, monkeypatch) -> None:
     blob = b"fape weights"
     digest = hashlib.sha256(blob).hexdigest()

@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from fapecli.errors import FapeError
 from fapecli.execution.compact import pad_to_multiple
 from fapecli.execution.conditioning import PlanEncoder
 from fapecli.execution.moe import (
@@ -56,6 +57,11 @@ from fapecli.execution.moe import (
     set_plan_tokens,
 )
 from fapecli.planning.plan import Plan
+
+
+class HiddenStateError(FapeError, ValueError):
+    """Planner hidden states these adapters cannot take (one line for the CLI)."""
+
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -147,11 +153,15 @@ class FluxConditioner(nn.Module):
         tokens = self.plan(plans)  # (B, 4, cond_dim)
         if hidden is not None:
             if self.hidden is None:
-                raise ValueError("these adapters take no planner hidden states (hidden_dim unset)")
+                raise HiddenStateError("these adapters take no planner hidden states "
+                                       "(hidden_dim unset)")
             hidden = hidden[None] if hidden.dim() == 2 else hidden
-            if hidden.shape[-1] != self.hidden[0].normalized_shape[0]:
-                raise ValueError(f"hidden states of width {hidden.shape[-1]}; these adapters "
-                                 f"expect {self.hidden[0].normalized_shape[0]}")
+            width = self.hidden[0].normalized_shape[0]
+            if hidden.shape[-1] != width:
+                raise HiddenStateError(
+                    f"the planner's hidden states are {hidden.shape[-1]} wide but these "
+                    f"adapters were trained on {width}: use the Qwen planner they were trained "
+                    "with (--planner-model) or --planner rules")
             ref = self.hidden[1].weight
             extra = self.hidden(hidden.to(device=ref.device, dtype=ref.dtype))
             if extra.shape[0] != tokens.shape[0]:
