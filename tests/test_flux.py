@@ -226,3 +226,21 @@ def test_planner_hidden_states_extend_the_conditioning(base: Path) -> None:
     assert with_hidden.shape == x.shape and not torch.allclose(with_hidden, plain)
     with pytest.raises(FapeError, match="are 7 wide but these adapters were trained on 24"):
         ex.plan_tokens(plan, torch.randn(3, 7))  # one line for the CLI, not a traceback
+
+
+def test_cuda_smoke_script_dry_run_on_cpu(tmp_path: Path) -> None:
+    """bench/cuda_smoke.py (run on a GPU for the README) works end to end on a tiny config."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "cuda_smoke.py"
+    spec = importlib.util.spec_from_file_location("cuda_smoke", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "smoke.md"
+    assert module.main(["--device", "cpu", "--preset", "tiny", "--sizes", "32",
+                        "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| restore (one step)",
+                                                  "| train step (fwd+bwd+AdamW)"]
+    assert all(" yes " in r for r in rows)
+    assert module.main(["--device", "cuda"]) == 2 or torch.cuda.is_available()
