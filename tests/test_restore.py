@@ -198,7 +198,8 @@ def test_missing_default_model_is_a_clear_error(tmp_path, photo, monkeypatch):
     src = _photo_file(tmp_path / "d.png", photo[:32, :32])
     r = _restore(str(src), "-o", str(tmp_path / "o"))
     assert r.exit_code == 1
-    assert "nowhere/model.safetensors" in r.stderr and "not found" in r.stderr
+    assert "nowhere/model.safetensors" in r.stderr and "is missing" in r.stderr
+    assert "reinstall fape" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_library_api_works_without_the_cli(photo, model_dir):

@@ -437,3 +437,38 @@ def test_adapters_only_trains_lora_routers_and_plan_encoder(image_dir: Path) -> 
                for n in names)
     assert not any(".base." in n for n in names)
     assert len(select_trainable(model, "all")) == len(list(model.parameters()))
+
+
+def test_warm_start_copies_matching_tensors(image_dir: Path, tmp_path: Path) -> None:
+    """A shallower preset with the MoE on more layers starts from a deeper model's tensors:
+    plain and MoE-wrapped projections match through ``base.``, the rest starts fresh."""
+    from fapecli.execution.compact import FapeS, create_model
+    from fapecli.training.loop import warm_start
+
+    source = create_model("fape-tiny", blocks=(1, 1, 2, 2), moe_targets=("latent.*.fuse_proj",))
+    source.save_pretrained(tmp_path / "src")
+    target = create_model("fape-tiny", blocks=(0, 1, 1, 1), decoder_blocks=(0, 1, 1))
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    report = warm_start(target, tmp_path / "src")
+    src, tgt = source.state_dict(), target.state_dict()
+    # plain in the source, MoE-wrapped here: the wrapped layer's base gets the weights
+    assert "encoders.1.0.fuse_proj.weight" in src
+    assert torch.equal(tgt["encoders.1.0.fuse_proj.base.weight"],
+                       src["encoders.1.0.fuse_proj.weight"])
+    assert torch.equal(tgt["latent.0.fuse_proj.base.weight"], src["latent.0.fuse_proj.base.weight"])
+    # LoRA experts the source lacks keep their fresh initialisation
+    lora = [k for k in tgt if k.startswith("encoders.1.0.fuse_proj.") and ".base." not in k]
+    assert lora and all(torch.equal(tgt[k], fresh[k]) for k in lora)
+    copied = int(report.split(": ")[1].split(" of ")[0])
+    assert 0 < copied < len(tgt)
+    # the warm-started model saves and reloads as its own (shallower) architecture
+    target.save_pretrained(tmp_path / "dst")
+    assert FapeS.from_pretrained(tmp_path / "dst").config.blocks == (0, 1, 1, 1)
+    # through the recipe: the report reaches the log, a wrong folder is a usage error
+    cfg = tiny(image_dir, tmp_path / "run", "schedule.steps=1", "loss.adv=0",
+               "schedule.val_every=0", "schedule.ckpt_every=0",
+               f"model.warm_start='{tmp_path / 'src'}'")
+    result = train_quiet(cfg)
+    assert any(r.startswith("warm start from") for r in result.reports)
+    with pytest.raises(UsageError, match="warm_start"):
+        train_quiet(tiny(image_dir, tmp_path / "run2", f"model.warm_start='{tmp_path}'"))

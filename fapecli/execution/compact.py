@@ -2,11 +2,12 @@
 LoRA-MoE on its 1x1 projections, conditioned on the plan).
 
 Network (SEED-NOTES section 2): a pixel-unshuffle stem (``stem=2``: the U-Net's top level runs
-at half resolution on 4x the channels, which is what makes <= 1 s per megapixel on two CPU
-threads possible) and a 3x3 patch embedding, a U-Net of ``len(channels)`` levels
-(pixel-unshuffle down, pixel-shuffle up, skip concat + 1x1 reduce), refinement blocks, a 3x3
-output conv with pixel-shuffle back to full resolution, and a global residual (output = input +
-predicted residual). Activations are channels-last (NHWC), much faster on CPUs. Each block:
+at half resolution on 4x the channels; with the blocks kept off that level, this is what
+makes <= 1 s per megapixel on two CPU threads possible) and a 3x3 patch embedding, a U-Net of
+``len(channels)`` levels (pixel-unshuffle down, pixel-shuffle up, skip concat + 1x1 reduce),
+refinement blocks, a 3x3 output conv with pixel-shuffle back to full resolution, and a global
+residual (output = input + predicted residual). Activations are channels-last (NHWC), much
+faster on CPUs. Each block:
 
 * norm, then the interleaved ("skip") channel split: odd channels to multi-Dconv-head transposed
   (channel) attention, even channels to GatedDA (1x1 expand to (alpha, beta, gamma) =
@@ -25,9 +26,10 @@ Channel norms are per-pixel LayerNorms over channels (local, so tiling stays clo
 attention and the FFT path are global, so tiled inference is only approximately equal to whole
 image inference (see :mod:`fapecli.execution.tiling`).
 
-The MoE wraps the layers named in ``moe_targets`` (default: each block's fusion projection
-``fuse_proj`` and FFN output ``ffn.project_out``: the two projections that write into the
-residual stream, like FLUX's ``to_out``); any name suffix or fnmatch pattern works. Super-
+The MoE wraps the layers named in ``moe_targets`` (the field's default: each block's fusion
+projection ``fuse_proj`` and FFN output ``ffn.project_out``, the two projections that write into
+the residual stream, like FLUX's ``to_out``; the fape-s preset keeps them on the blocks of the
+two deepest levels, where they cost least); any name suffix or fnmatch pattern works. Super-
 resolution: the network works at output resolution; :func:`prepare_input` upsamples bicubically
 first. Inputs of any size are reflect-padded to a multiple of ``stem * 2 ** (levels - 1)``
 (16 for fape-s) and cropped back. Checkpoints are diffusers-like: ``config.json`` +
@@ -110,10 +112,19 @@ class FapeSConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+# the Frequency-Aware LoRA-MoE of the default preset sits on the two residual-writing
+# projections of the blocks of the two deepest levels (levels 0-1 stay plain: cheap)
+DEEP_MOE_TARGETS = tuple(f"{stage}.*.{layer}" for stage in ("encoders.2", "decoders.2", "latent")
+                         for layer in ("fuse_proj", "ffn.project_out"))
+
 PRESETS: dict[str, FapeSConfig] = {
-    # the default: ~2.7 M parameters, ~40 GFLOPs/MP, ~0.65-0.75 s per megapixel on 2 CPU
-    # threads (measured); its depth sits at the cheap low-resolution levels
-    "fape-s": FapeSConfig(name="fape-s"),
+    # the default (v2): ~1.4 M parameters, ~20 GFLOPs/MP. Its blocks sit at the cheap
+    # low-resolution levels: the half-resolution top level has none (embedding, skip and
+    # output convolutions only), level 1 one block each way (see bench/results/speed.md)
+    "fape-s": FapeSConfig(name="fape-s", blocks=(0, 1, 2, 4), decoder_blocks=(0, 1, 2),
+                          moe_targets=DEEP_MOE_TARGETS),
+    # the first default (2.7 M parameters, 40 GFLOPs/MP; about 2.5 s/MP on 2 Xeon threads)
+    "fape-s-v1": FapeSConfig(name="fape-s-v1"),
     # a larger variant for GPUs (still <= 8 M parameters)
     "fape-m": FapeSConfig(name="fape-m", channels=(32, 64, 128, 256), blocks=(2, 3, 3, 6),
                           heads=(1, 2, 4, 8), refine_blocks=2, ffn_expansion=2.66),

@@ -116,6 +116,37 @@ def build_compact(cfg: ModelConfig, **_: Any) -> nn.Module:
         raise UsageError(f"model.overrides: {exc}") from None
 
 
+def warm_start(model: nn.Module, source: str | Path) -> str:
+    """Copy into ``model`` every tensor of the model folder ``source`` whose name and shape
+    match (a layer wrapped by the LoRA-MoE in one and plain in the other still matches through
+    its ``base.``); returns a report line."""
+    from safetensors.torch import load_file
+
+    from fapecli.execution.compact import WEIGHTS_NAME
+
+    path = Path(source)
+    file = path / WEIGHTS_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise UsageError("model.warm_start: no model weights here", str(file))
+    src = {_plain_name(k): v for k, v in load_file(str(file)).items()}
+    state = model.state_dict()
+    copied = 0
+    with torch.no_grad():
+        for name, tensor in state.items():
+            value = src.get(_plain_name(name))
+            if value is not None and value.shape == tensor.shape:
+                tensor.copy_(value.to(tensor.dtype))
+                copied += 1
+    if not copied:
+        raise UsageError("model.warm_start: no tensor matches the model's names and shapes",
+                         str(file))
+    return f"warm start from {file}: {copied} of {len(state)} tensors copied"
+
+
+def _plain_name(key: str) -> str:
+    return key.replace(".base.", ".")
+
+
 @register_executor("flux")
 def build_flux(cfg: ModelConfig, *, device: torch.device | None = None,
                dtype: torch.dtype | None = None, batch: int = 1,
@@ -315,8 +346,9 @@ class _Parts:
                                                if self.sched_d else {})
 
 
-def _build(cfg: TrainConfig, acc: Any, model: nn.Module | None) -> tuple[_Parts, str]:
-    """Generator, discriminator, perceptual loss, optimisers and schedulers, on the device."""
+def _build(cfg: TrainConfig, acc: Any, model: nn.Module | None) -> tuple[_Parts, list[str]]:
+    """Generator, discriminator, perceptual loss, optimisers and schedulers, on the device;
+    with the build's report lines (warm start, discriminator backbone)."""
     from prodigyopt import Prodigy
 
     from fapecli.training.discriminator import build_discriminator
@@ -326,6 +358,11 @@ def _build(cfg: TrainConfig, acc: Any, model: nn.Module | None) -> tuple[_Parts,
     gen = model if model is not None else build_model(
         cfg.model, device=acc.device, dtype=torch.bfloat16 if bf16 else torch.float32,
         batch=cfg.data.batch_size, side=cfg.data.crop)
+    reports = []
+    if model is None and cfg.model.warm_start:
+        if cfg.model.executor != "compact" or cfg.model.init:
+            raise UsageError("model.warm_start works for a compact preset without model.init")
+        reports.append(warm_start(gen, cfg.model.warm_start))
     g_params = select_trainable(gen, cfg.model.train_params)
     opt_g = Prodigy(g_params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay,
                     d_coef=oc.d_coef, d0=oc.d0, use_bias_correction=True,
@@ -338,10 +375,10 @@ def _build(cfg: TrainConfig, acc: Any, model: nn.Module | None) -> tuple[_Parts,
     wrapped = acc.prepare(gen)  # under DDP: wrapped, rank 0's weights broadcast
     parts = _Parts(wrapped, gen, g_params, opt_g, sched_g,
                    EMA(gen, sc.ema_decay) if sc.ema_decay > 0 else None, perc)
-    report = ""
     if lc.adv > 0:
         disc, report = build_discriminator(lc.disc_backbone, siglip_name=lc.disc_siglip,
                                            width=lc.disc_width)
+        reports.append(report)
         parts.d_params = [p for p in disc.parameters() if p.requires_grad]
         parts.opt_d = torch.optim.AdamW(parts.d_params, lr=oc.disc_lr,
                                         betas=tuple(oc.disc_betas),
@@ -349,7 +386,7 @@ def _build(cfg: TrainConfig, acc: Any, model: nn.Module | None) -> tuple[_Parts,
         parts.sched_d = torch.optim.lr_scheduler.CosineAnnealingLR(
             parts.opt_d, T_max=max(1, sc.steps - lc.adv_start))
         parts.disc, parts.raw_d = acc.prepare(disc), disc
-    return parts, report
+    return parts, reports
 
 
 def _train_step(p: _Parts, cfg: TrainConfig, acc: Any, lq: torch.Tensor, gt: torch.Tensor,
@@ -410,7 +447,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None,
     out, sc = Path(cfg.out_dir), cfg.schedule
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
-    parts, d_report = _build(cfg, acc, model)
+    parts, build_reports = _build(cfg, acc, model)
     ema, device = parts.ema, acc.device
     use_bf16 = sc.bf16 and device.type == "cuda"
 
@@ -435,7 +472,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None,
     loader = make_loader(ds, cfg.data, start_step=start, steps=sc.steps,
                          rank=acc.process_index, world=acc.num_processes)
     n_train = sum(p.numel() for p in parts.g_params)
-    reports = [parts.perc.report, *([d_report] if d_report else []),
+    reports = [parts.perc.report, *build_reports,
                f"generator: {n_train:,} trainable parameters ({cfg.model.train_params}); "
                f"data: {len(train_items)} training / {len(val_items)} validation images; "
                f"{acc.num_processes} process(es) on {device}" + (" bf16" if use_bf16 else "")]
