@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch and torchvision are pinned to a pair that installs together (CPU and CUDA).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint man bench-plan
+.PHONY: demo test lint man bench-plan bench-quality bench-speed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,5 +31,16 @@ lint: $(VENV)/.installed
 man: $(VENV)/.installed
 	$(PY) -m fapecli.manpages man
 
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[bench]"
+	touch $@
+
+## benchmarks (they read ../shared/data; tables go to bench/results/)
 bench-plan: $(VENV)/.installed
-	$(PY) bench/plan_accuracy.py ../shared/data
+	$(PY) bench/plan_accuracy.py --data ../shared/data
+
+bench-quality: $(VENV)/.bench
+	$(PY) bench/quality.py --data ../shared/data
+
+bench-speed: $(VENV)/.installed
+	$(PY) bench/speed.py --model fape-s --sizes 1,24 --threads 2
