@@ -266,6 +266,25 @@ def test_generator_loss_terms_and_frequency_regulariser() -> None:
                                                                           "hinge"))
 
 
+def test_psnr_loss_is_minus_psnr_and_weighs_samples_by_their_own_error() -> None:
+    from fapecli.training.losses import generator_loss, log_mse
+
+    gt = torch.zeros(2, 3, 8, 8)
+    out = gt.clone()
+    out[0] += 0.1  # MSE 1e-2: 20 dB
+    out[1] += 0.01  # MSE 1e-4 (+ the 1e-4 floor): 37 dB
+    value = log_mse(out, gt)
+    assert math.isclose(float(value), (10 * math.log10(1.01e-2) + 10 * math.log10(2e-4)) / 2,
+                        rel_tol=1e-5)
+    total, terms = generator_loss(out, gt, {"psnr": 0.1})
+    assert set(terms) == {"psnr"} and math.isclose(float(total), 0.1 * terms["psnr"], rel_tol=1e-6)
+    leaf = out.clone().requires_grad_(True)
+    log_mse(leaf, gt).backward()
+    per_sample = leaf.grad.abs().flatten(1).mean(1)
+    # under L2 the 20 dB sample would get 10x the gradient; here the 37 dB one gets more
+    assert per_sample[1] > per_sample[0]
+
+
 # ---------------------------------------------------------------------- discriminator
 def test_discriminator_conv_backbone_shapes() -> None:
     from fapecli.training.discriminator import (

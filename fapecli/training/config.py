@@ -76,6 +76,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     l2: float = 50.0
+    psnr: float = 0.0  # the PSNR loss (per-sample log-MSE): balances tasks of unequal error
     l1: float = 0.0
     perceptual: float = 5.0
     perceptual_kind: str = "lpips"  # lpips | msssim | fft | none
@@ -345,7 +346,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.loss.adv_kind in ADV_KINDS, f"loss.adv_kind must be one of {ADV_KINDS}")
     need(cfg.loss.disc_backbone in DISC_BACKBONES,
          f"loss.disc_backbone must be one of {DISC_BACKBONES}")
-    for name in ("l2", "l1", "perceptual", "adv", "freq"):
+    for name in ("l2", "psnr", "l1", "perceptual", "adv", "freq"):
         need(getattr(cfg.loss, name) >= 0, f"loss.{name} must be >= 0")
     need(cfg.model.train_params in TRAIN_PARAMS,
          f"model.train_params must be one of {TRAIN_PARAMS}")

@@ -36,8 +36,8 @@ from fapecli.training import checkpoint as ckpt
 from fapecli.training.config import ModelConfig, TrainConfig
 from fapecli.training.losses import build_perceptual, d_adv_loss, generator_loss, psnr, ssim
 
-CSV_FIELDS = ("step", "loss", "l2", "l1", "perceptual", "adv", "freq", "d_loss", "lr", "d_coef",
-              "seconds", "val_psnr", "val_ssim")
+CSV_FIELDS = ("step", "loss", "l2", "psnr", "l1", "perceptual", "adv", "freq", "d_loss", "lr",
+              "d_coef", "seconds", "val_psnr", "val_ssim")
 
 
 @dataclass
@@ -400,7 +400,7 @@ def _train_step(p: _Parts, cfg: TrainConfig, acc: Any, lq: torch.Tensor, gt: tor
         p.raw_d.eval().requires_grad_(False)
         with autocast():
             fake_logits = p.raw_d(restored.float())
-    weights = {k: getattr(lc, k) for k in ("l2", "l1", "perceptual", "adv", "freq")}
+    weights = {k: getattr(lc, k) for k in ("l2", "psnr", "l1", "perceptual", "adv", "freq")}
     loss, terms = generator_loss(restored, gt, weights, perceptual=p.perc.module,
                                  fake_logits=fake_logits, adv_kind=lc.adv_kind, model=p.raw_g)
     p.opt_g.zero_grad(set_to_none=True)

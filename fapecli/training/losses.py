@@ -258,6 +258,20 @@ def d_adv_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------ combined
+PSNR_LOSS_EPS = 1e-4  # MSE floor of the PSNR loss: samples past 40 dB stop weighing more
+
+
+def log_mse(out: torch.Tensor, gt: torch.Tensor, eps: float = PSNR_LOSS_EPS) -> torch.Tensor:
+    """The PSNR loss: the batch mean of ``10 log10(MSE + eps)`` per sample (= -PSNR in dB).
+
+    Its gradient is the MSE's divided by the sample's own MSE, so every sample counts by its
+    relative error: in an all-in-one batch, small residuals (noise, SR) are not drowned by the
+    large global ones (low light, haze) as they are under a plain L2.
+    """
+    mse = (out - gt).square().flatten(1).mean(1)
+    return 10.0 * torch.log10(mse + eps).mean()
+
+
 def generator_loss(
     out: torch.Tensor,
     gt: torch.Tensor,
@@ -270,13 +284,15 @@ def generator_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the terms whose weight is non-zero, and each term's (unweighted) value.
 
-    ``weights`` has keys l2, l1, perceptual, adv, freq; ``fake_logits`` are D's logits for
-    ``out`` (the adversarial term is skipped when None); ``model`` supplies the MoE layers.
+    ``weights`` has keys l2, psnr, l1, perceptual, adv, freq; ``fake_logits`` are D's logits
+    for ``out`` (the adversarial term is skipped when None); ``model`` supplies the MoE layers.
     """
     out, gt = out.float(), gt.float()
     terms: dict[str, torch.Tensor] = {}
     if weights.get("l2", 0):
         terms["l2"] = F.mse_loss(out, gt)
+    if weights.get("psnr", 0):
+        terms["psnr"] = log_mse(out, gt)
     if weights.get("l1", 0):
         terms["l1"] = F.l1_loss(out, gt)
     if weights.get("perceptual", 0) and perceptual is not None:
