@@ -123,7 +123,7 @@ PRESETS: dict[str, FapeSConfig] = {
     # output convolutions only), level 1 one block each way (see bench/results/speed.md)
     "fape-s": FapeSConfig(name="fape-s", blocks=(0, 1, 2, 4), decoder_blocks=(0, 1, 2),
                           moe_targets=DEEP_MOE_TARGETS),
-    # the first default (2.7 M parameters, 40 GFLOPs/MP; about 2.5 s/MP on 2 Xeon threads)
+    # the first default (2.7 M parameters, 40 GFLOPs/MP; 1.7-1.8 s/MP on 2 EPYC threads)
     "fape-s-v1": FapeSConfig(name="fape-s-v1"),
     # a larger variant for GPUs (still <= 8 M parameters)
     "fape-m": FapeSConfig(name="fape-m", channels=(32, 64, 128, 256), blocks=(2, 3, 3, 6),
