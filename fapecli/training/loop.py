@@ -346,9 +346,11 @@ class _Parts:
                                                if self.sched_d else {})
 
 
-def _build(cfg: TrainConfig, acc: Any, model: nn.Module | None) -> tuple[_Parts, list[str]]:
+def _build(cfg: TrainConfig, acc: Any, model: nn.Module | None,
+           warm: bool = True) -> tuple[_Parts, list[str]]:
     """Generator, discriminator, perceptual loss, optimisers and schedulers, on the device;
-    with the build's report lines (warm start, discriminator backbone)."""
+    with the build's report lines (warm start, unless ``warm`` is off for a resume, and the
+    discriminator backbone)."""
     from prodigyopt import Prodigy
 
     from fapecli.training.discriminator import build_discriminator
@@ -359,7 +361,7 @@ def _build(cfg: TrainConfig, acc: Any, model: nn.Module | None) -> tuple[_Parts,
         cfg.model, device=acc.device, dtype=torch.bfloat16 if bf16 else torch.float32,
         batch=cfg.data.batch_size, side=cfg.data.crop)
     reports = []
-    if model is None and cfg.model.warm_start:
+    if model is None and cfg.model.warm_start and warm:
         if cfg.model.executor != "compact" or cfg.model.init:
             raise UsageError("model.warm_start works for a compact preset without model.init")
         reports.append(warm_start(gen, cfg.model.warm_start))
@@ -447,7 +449,9 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None,
     out, sc = Path(cfg.out_dir), cfg.schedule
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
-    parts, build_reports = _build(cfg, acc, model)
+    resume = ckpt.latest_checkpoint(out) if cfg.resume == "auto" else \
+        (Path(cfg.resume) if cfg.resume else None)
+    parts, build_reports = _build(cfg, acc, model, warm=resume is None)
     ema, device = parts.ema, acc.device
     use_bf16 = sc.bf16 and device.type == "cuda"
 
@@ -456,8 +460,6 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None,
             contextlib.nullcontext()
 
     start, elapsed0 = 0, 0.0
-    resume = ckpt.latest_checkpoint(out) if cfg.resume == "auto" else \
-        (Path(cfg.resume) if cfg.resume else None)
     if resume is not None:
         state = ckpt.load_checkpoint(resume, model=parts.raw_g, ema=ema.module if ema else None,
                                      disc=parts.raw_d, optimizers=parts.optimizers,
