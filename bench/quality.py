@@ -563,8 +563,10 @@ def oracle_plan(spec: BenchSet) -> Any:
     return plan
 
 
-def run_model(model: Any, samples: list[Sample], spec: BenchSet, planner: bool) -> Row:
-    """The model with the set's task forced (``planner=False``) or planned per image."""
+def run_model(model: Any, samples: list[Sample], spec: BenchSet, planner: bool,
+              ensemble: bool = False) -> Row:
+    """The model with the set's task forced (``planner=False``) or planned per image;
+    ``ensemble``: with test-time self-ensemble (`fape restore --ensemble`)."""
     if planner:
         label, settings = "fape (rule planner)", "restore_image(task=None)"
         kwargs: dict[str, Any] = {"task": None}
@@ -578,6 +580,9 @@ def run_model(model: Any, samples: list[Sample], spec: BenchSet, planner: bool) 
     if spec.scale:
         kwargs["scale"] = spec.scale
         settings += f", scale={spec.scale}"
+    if ensemble:
+        kwargs["ensemble"] = True
+        label, settings = label[:-1] + ", ensemble)", settings + ", ensemble=True"
     row = Row(label, "fape", settings)
     if samples:  # untimed warm-up: the first forward of a process/shape is several x slower
         _restore(model, samples[0], kwargs)
@@ -645,6 +650,8 @@ def run_set(spec: BenchSet, args: argparse.Namespace, model: Any) -> SetResult:
         rows.append(run_model(model, samples, spec, planner=False))
         if planner_available():
             rows.append(run_model(model, samples, spec, planner=True))
+        if args.ensemble:
+            rows.append(run_model(model, samples, spec, planner=False, ensemble=True))
     return SetResult(spec, rows, len(samples))
 
 
@@ -677,13 +684,16 @@ def _mark(ok: bool) -> str:
 
 
 def summary_table(results: list[SetResult]) -> str:
+    ensemble = any(len(res.fape_rows()) > 2 for res in results)
     headers = ["set", "n", "input", "best classical PSNR", "best classical SSIM",
-               "fape (task)", "fape (planner)", "beats all: PSNR", "beats all: SSIM"]
+               "fape (task)", "fape (planner)", *(["fape (ensemble)"] if ensemble else []),
+               "beats all: PSNR", "beats all: SSIM"]
     rows = []
     for res in results:
         fape = res.fape_rows()
         task_row = fape[0] if fape else None
         plan_row = fape[1] if len(fape) > 1 else None
+        ens_row = [_pair(fape[2] if len(fape) > 2 else None)] if ensemble else []
         classical = [r for r in res.rows if r.kind == "classical"]
         best_p = max(classical, key=lambda r: r.mean("psnr") or -1e9, default=None)
         best_s = max(classical, key=lambda r: r.mean("ssim") or -1e9, default=None)
@@ -694,7 +704,7 @@ def summary_table(results: list[SetResult]) -> str:
             res.spec.name, res.count, _pair(res.rows[0]),
             "–" if best_p is None else f"{fmt(best_p.mean('psnr'))} ({best_p.method})",
             "–" if best_s is None else f"{fmt(best_s.mean('ssim'), 4)} ({best_s.method})",
-            _pair(task_row), _pair(plan_row), *marks,
+            _pair(task_row), _pair(plan_row), *ens_row, *marks,
         ])
     return md_table(headers, rows)
 
@@ -756,8 +766,9 @@ def header(info: dict[str, Any]) -> list[str]:
 
 def write_reports(results: list[SetResult], info: dict[str, Any], out: Path) -> None:
     lines = header(info)
+    rows = "task / planner / ensemble" if info.get("ensemble") else "task / planner"
     lines += ["", "## Sets", "", sets_table(results), "", "## Summary", "",
-              "PSNR / SSIM (RGB). \"beats all\": the fape row (task / planner) is strictly "
+              f"PSNR / SSIM (RGB). \"beats all\": the fape row ({rows}) is strictly "
               "better than every non-fape row of the set, the unrestored input included.", "",
               summary_table(results), ""]
     fape_counts = _beat_counts(results)
@@ -837,6 +848,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="BM3D profile: np (default, as bm3d_rgb uses) or lc (faster)")
     p.add_argument("--no-cache", action="store_true", help="recompute classical rows")
     p.add_argument("--no-model", action="store_true", help="only the classical rows")
+    p.add_argument("--ensemble", action="store_true",
+                   help="add a row with test-time self-ensemble (fape restore --ensemble)")
     p.add_argument("--list", action="store_true", help="list the sets and exit")
     return p.parse_args(argv)
 
@@ -860,7 +873,8 @@ def main(argv: list[str] | None = None) -> int:
         model, model_info = load(args, ref)
         info = {"command": command_line(), "date": now(), "machine": machine(),
                 "model": model_info, "metrics": METRICS_SOURCE, "threads": THREADS,
-                "planner": model is not None and planner_available(), "limit": args.limit}
+                "planner": model is not None and planner_available(), "limit": args.limit,
+                "ensemble": model is not None and args.ensemble}
         results = [run_set(spec, args, model) for spec in specs]
     except (BenchError, FapeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

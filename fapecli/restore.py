@@ -161,15 +161,19 @@ def restore_image(
     explain: bool = False,
     planner: Planner = "rules",
     hidden: torch.Tensor | None = None,
+    ensemble: bool = False,
 ) -> Restored:
     """Restore one image with an executor (see `fapecli.loader.load_model`).
 
     ``planner`` plans the image when neither ``plan`` nor ``task`` is given: "rules" or a
     loaded Qwen planner, whose hidden states condition executors that take them (the FLUX
     executor with a hidden-state projector). ``hidden`` passes such states directly. Tiles
-    default to the executor's ``default_tile`` when it has one.
+    default to the executor's ``default_tile`` when it has one. ``ensemble`` averages the
+    executor over flips and transpositions (`fapecli.execution.ensemble`): 2-8x slower, a
+    little better.
     """
     from fapecli.execution.compact import prepare_input
+    from fapecli.execution.ensemble import self_ensemble, transforms_for
     from fapecli.execution.tiling import restore_tiled
 
     start = time.perf_counter()
@@ -183,9 +187,13 @@ def restore_image(
     x = prepare_input(_to_tensor(image.rgb, model), plan)
     tokens = model.plan_tokens(plan) if hidden is None else model.plan_tokens(plan, hidden)
     tile = tile or getattr(model, "default_tile", None)
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        return model(t, tokens=tokens)
+
     with torch.inference_mode():
         result = restore_tiled(
-            lambda t: model(t, tokens=tokens),
+            self_ensemble(run, transforms_for(plan)) if ensemble else run,
             x,
             tile=tile,
             overlap=overlap,

@@ -180,3 +180,25 @@ def test_restore_helper(tiny: FapeS) -> None:
     img = torch.rand(1, 3, 30, 20)
     out = tiny.restore(img, Plan(task="sr", band="high", scale=2), tile=32, overlap=8)
     assert out.shape == (1, 3, 60, 40) and out.min() >= 0 and out.max() <= 1
+
+
+def test_light_blocks_start_as_the_identity_and_learn() -> None:
+    """Top-level light blocks added to a trained model leave its output unchanged at first
+    (zero layer scales), and their scales get gradients, so training can use them."""
+    torch.manual_seed(0)
+    base = create_model("fape-tiny").eval()
+    _randomise_experts(base)
+    grown = create_model("fape-tiny", light_blocks=(1, 2)).eval()
+    missing, unexpected = grown.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing
+    assert all(k.startswith(("light_enc.", "light_dec.")) for k in missing)
+    x = torch.rand(1, 3, 32, 48)
+    plan = plan_for_task("denoise")
+    with torch.no_grad():
+        assert torch.allclose(grown(x, plan), base(x, plan), atol=1e-6)
+    grown.train()
+    (grown(x, plan) - x.flip(-1)).square().mean().backward()
+    assert grown.light_dec[1].gamma.grad.abs().sum() > 0
+    assert grown.light_enc[0].beta.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="light_blocks"):
+        FapeSConfig(light_blocks=(1,))

@@ -208,3 +208,24 @@ def test_library_api_works_without_the_cli(photo, model_dir):
     net = loader.load_model(model_dir, device="cpu")
     result = restore_image(Image(pixels=photo[:32, :32]), net, task="denoise")
     assert result.image.pixels.shape == (32, 32, 3) and result.plan.task == "denoise"
+
+
+def test_ensemble_averages_mirrored_passes(tmp_path, photo, model_dir):
+    from fapecli.restore import restore_image
+
+    net = loader.load_model(model_dir, device="cpu")
+    image = from_array(photo[:32, :48])
+    plain = restore_image(image, net, task="derain").image.pixels
+    mirror = from_array(np.ascontiguousarray(photo[:32, :48][:, ::-1]))
+    flipped = restore_image(mirror, net, task="derain").image.pixels[:, ::-1]
+    both = restore_image(image, net, task="derain", ensemble=True).image.pixels
+    assert np.abs(plain - flipped).max() > 1e-3  # the model is not mirror-symmetric
+    inside = ((plain > 0) & (plain < 1) & (flipped > 0) & (flipped < 1)).all(axis=2)
+    assert inside.mean() > 0.2
+    assert np.allclose(both[inside], ((plain + flipped) / 2)[inside], atol=1e-5)
+
+    src = _photo_file(tmp_path / "a.png", photo[:40, :40])
+    r = _restore(str(src), "-o", str(tmp_path / "out"), "--model", str(model_dir),
+                 "--task", "denoise", "--ensemble", "--json")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out" / "a.png").is_file()

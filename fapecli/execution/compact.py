@@ -71,6 +71,9 @@ class FapeSConfig:
     blocks: tuple[int, ...] = (1, 1, 4, 8)  # encoder blocks per level; the last is the latent
     decoder_blocks: tuple[int, ...] | None = None  # per level 0..L-2; default blocks[:-1]
     refine_blocks: int = 0
+    # light (NAFNet-style, local: no attention or FFT) blocks on the top level, before its
+    # downsampling and after its decoder; they start as the identity (zero layer scales)
+    light_blocks: tuple[int, int] = (0, 0)
     heads: tuple[int, ...] = (1, 1, 2, 4)
     ffn_expansion: float = 1.5
     gate_expansion: float = 2.0  # GatedDA hidden = gate_expansion * C/2
@@ -86,7 +89,8 @@ class FapeSConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (training run, ...)
 
     def __post_init__(self) -> None:
-        for f in ("channels", "blocks", "heads", "moe_ranks", "moe_targets", "decoder_blocks"):
+        for f in ("channels", "blocks", "heads", "moe_ranks", "moe_targets", "decoder_blocks",
+                  "light_blocks"):
             v = getattr(self, f)
             if v is not None:
                 setattr(self, f, tuple(v))
@@ -95,6 +99,8 @@ class FapeSConfig:
             raise ValueError("channels, blocks and heads need one entry per level")
         if self.decoder_blocks is not None and len(self.decoder_blocks) != n - 1:
             raise ValueError("decoder_blocks needs one entry per level except the last")
+        if len(self.light_blocks) != 2 or min(self.light_blocks) < 0:
+            raise ValueError("light_blocks needs two counts: (encoder, decoder) of the top level")
         for c, h in zip(self.channels, self.heads, strict=True):
             if c % 4 or (c // 2) % h:
                 raise ValueError(f"channels {c} must be a multiple of 4 and C/2 of heads {h}")
@@ -298,6 +304,36 @@ def _stage(c: int, n: int, heads: int, cfg: FapeSConfig) -> nn.Sequential:
     return nn.Sequential(*[FapeBlock(c, heads, cfg) for _ in range(n)])
 
 
+class SimpleGate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        return a * b
+
+
+class LightBlock(nn.Module):
+    """A NAFNet-style block, cheap enough for the top (half-resolution) level: norm, 1x1 to 2C,
+    depthwise 3x3, simple gate (x1 * x2), 1x1, then norm + gated 1x1 FFN. Both branches are
+    scaled by per-channel factors that start at zero, so a new block is the identity (a warm
+    start from a model without it begins exactly where that model was)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.norm1 = ChannelNorm(c)
+        self.expand = conv1x1(c, 2 * c)
+        self.dw = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
+        self.gate = SimpleGate()
+        self.project = conv1x1(c, c)
+        self.norm2 = ChannelNorm(c)
+        self.ffn_in = conv1x1(c, 2 * c)
+        self.ffn_out = conv1x1(c, c)
+        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.beta * self.project(self.gate(self.dw(self.expand(self.norm1(x)))))
+        return x + self.gamma * self.ffn_out(self.gate(self.ffn_in(self.norm2(x))))
+
+
 class Down(nn.Sequential):
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__(nn.PixelUnshuffle(2), conv1x1(4 * c_in, c_out, bias=False))
@@ -340,6 +376,8 @@ class FapeS(nn.Module):
         self.decoders = nn.ModuleList(
             [_stage(ch[i], dec[i], cfg.heads[i], cfg) for i in range(n - 1)])
         self.refine = _stage(ch[0], cfg.refine_blocks, cfg.heads[0], cfg)
+        self.light_enc = nn.Sequential(*[LightBlock(ch[0]) for _ in range(cfg.light_blocks[0])])
+        self.light_dec = nn.Sequential(*[LightBlock(ch[0]) for _ in range(cfg.light_blocks[1])])
         self.out = nn.Sequential(nn.Conv2d(ch[0], cfg.in_channels * s * s, 3, padding=1),
                                  nn.PixelShuffle(s))
         with torch.no_grad():  # start close to the identity (output = input + small residual)
@@ -394,7 +432,7 @@ class FapeS(nn.Module):
         return (xp + residual.to(x.dtype))[..., :h, :w]
 
     def _body(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.embed(x)
+        f = self.light_enc(self.embed(x))
         skips = []
         for enc, down in zip(self.encoders, self.downs, strict=True):
             f = enc(f)
@@ -404,7 +442,7 @@ class FapeS(nn.Module):
         for i in reversed(range(len(skips))):
             f = self.ups[i](f)
             f = self.decoders[i](self.reduces[i](torch.cat([f, skips[i]], 1)))
-        return self.out(self.refine(f))
+        return self.out(self.refine(self.light_dec(f)))
 
     @torch.no_grad()
     def restore(self, image: torch.Tensor, plan: Plan | None = None, *, tile: int | None = None,
