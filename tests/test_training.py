@@ -489,5 +489,10 @@ def test_warm_start_copies_matching_tensors(image_dir: Path, tmp_path: Path) -> 
                f"model.warm_start='{tmp_path / 'src'}'")
     result = train_quiet(cfg)
     assert any(r.startswith("warm start from") for r in result.reports)
+    assert any("optim.d0" in r for r in result.reports)  # the default d0 is pointed out
+    cfg = tiny(image_dir, tmp_path / "run3", "schedule.steps=1", "loss.adv=0",
+               "schedule.val_every=0", "schedule.ckpt_every=0", "optim.d0=1e-3",
+               f"model.warm_start='{tmp_path / 'src'}'")
+    assert not any("optim.d0" in r for r in train_quiet(cfg).reports)
     with pytest.raises(UsageError, match="warm_start"):
         train_quiet(tiny(image_dir, tmp_path / "run2", f"model.warm_start='{tmp_path}'"))

@@ -36,6 +36,9 @@ TRAIN_PARAMS = ("all", "adapters")
 EXECUTORS = ("compact", "flux")
 
 
+DEFAULT_D0 = 1e-6  # Prodigy's own default: right from scratch, far too small for trained weights
+
+
 def _default_mix() -> dict[str, float]:
     return {d: 1.0 for d in DEGRADATIONS}
 
@@ -93,7 +96,7 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1.0  # Prodigy's lr multiplier (leave at 1)
-    d0: float = 1e-6  # Prodigy's initial step-size estimate
+    d0: float = DEFAULT_D0  # Prodigy's initial step-size estimate
     d_coef: float = 1.0  # Prodigy's d_coef (scales the estimated step size)
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])

@@ -33,7 +33,7 @@ from torch import nn
 
 from fapecli.errors import UsageError
 from fapecli.training import checkpoint as ckpt
-from fapecli.training.config import ModelConfig, TrainConfig
+from fapecli.training.config import DEFAULT_D0, ModelConfig, TrainConfig
 from fapecli.training.losses import build_perceptual, d_adv_loss, generator_loss, psnr, ssim
 
 CSV_FIELDS = ("step", "loss", "l2", "psnr", "l1", "perceptual", "adv", "freq", "d_loss", "lr",
@@ -365,6 +365,10 @@ def _build(cfg: TrainConfig, acc: Any, model: nn.Module | None,
         if cfg.model.executor != "compact" or cfg.model.init:
             raise UsageError("model.warm_start works for a compact preset without model.init")
         reports.append(warm_start(gen, cfg.model.warm_start))
+    if (cfg.model.warm_start or cfg.model.init) and oc.d0 <= DEFAULT_D0:
+        reports.append(f"note: optim.d0={oc.d0:g} with trained weights: Prodigy's step size "
+                       "grows slowly from there near a minimum; continuing a model, set optim.d0 "
+                       "to the last d_coef of its log.csv (about 1e-3 for fape-s)")
     g_params = select_trainable(gen, cfg.model.train_params)
     opt_g = Prodigy(g_params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay,
                     d_coef=oc.d_coef, d0=oc.d0, use_bias_correction=True,
