@@ -117,6 +117,8 @@ SETS: tuple[BenchSet, ...] = (
     BenchSet("CBSD68-snow", "desnow", "snow", "test/CBSD68", "snow", 5000, 0.5),
     BenchSet("CBSD68-haze+rain+noise", "dehaze", "mix", "test/CBSD68", "haze,rain,noise",
              6000, 0.5, params=(("noise", "sigma", 15),), secondary=("derain", "denoise")),
+    # haze made with the SOTS generator (real depth, its own airlight): not fape's synthesis
+    BenchSet("SOTS_outdoor2", "dehaze", "haze", "real/SOTS_outdoor2"),
 )
 
 # ------------------------------------------------------------------------------------ data
