@@ -124,11 +124,14 @@ DEEP_MOE_TARGETS = tuple(f"{stage}.*.{layer}" for stage in ("encoders.2", "decod
                          for layer in ("fuse_proj", "ffn.project_out"))
 
 PRESETS: dict[str, FapeSConfig] = {
-    # the default (v2): ~1.4 M parameters, ~20 GFLOPs/MP. Its blocks sit at the cheap
-    # low-resolution levels: the half-resolution top level has none (embedding, skip and
-    # output convolutions only), level 1 one block each way (see bench/results/speed.md)
+    # the default (v3): ~1.4 M parameters, ~21 GFLOPs/MP. Its full blocks sit at the cheap
+    # low-resolution levels: the half-resolution top level has one light (NAFNet-style) block
+    # each way, level 1 one full block each way (see bench/results/speed.md)
     "fape-s": FapeSConfig(name="fape-s", blocks=(0, 1, 2, 4), decoder_blocks=(0, 1, 2),
-                          moe_targets=DEEP_MOE_TARGETS),
+                          light_blocks=(1, 1), moe_targets=DEEP_MOE_TARGETS),
+    # the second default: v3 without the light blocks (0.84 s/MP on 2 EPYC threads)
+    "fape-s-v2": FapeSConfig(name="fape-s-v2", blocks=(0, 1, 2, 4), decoder_blocks=(0, 1, 2),
+                             moe_targets=DEEP_MOE_TARGETS),
     # the first default (2.7 M parameters, 40 GFLOPs/MP; 1.7-1.8 s/MP on 2 EPYC threads)
     "fape-s-v1": FapeSConfig(name="fape-s-v1"),
     # a larger variant for GPUs (still <= 8 M parameters)
