@@ -2,7 +2,7 @@
 LoRA-MoE on its 1x1 projections, conditioned on the plan).
 
 Network (SEED-NOTES section 2): a pixel-unshuffle stem (``stem=2``: the U-Net's top level runs
-at half resolution on 4x the channels; with the blocks kept off that level, this is what
+at half resolution on 4x the channels; with only light blocks on that level, this is what
 makes <= 1 s per megapixel on two CPU threads possible) and a 3x3 patch embedding, a U-Net of
 ``len(channels)`` levels (pixel-unshuffle down, pixel-shuffle up, skip concat + 1x1 reduce),
 refinement blocks, a 3x3 output conv with pixel-shuffle back to full resolution, and a global
