@@ -686,16 +686,20 @@ def _mark(ok: bool) -> str:
 
 
 def summary_table(results: list[SetResult]) -> str:
-    ensemble = any(len(res.fape_rows()) > 2 for res in results)
+    def is_ens(row: Row) -> bool:
+        return row.settings.endswith("ensemble=True")
+
+    ensemble = any(is_ens(r) for res in results for r in res.fape_rows())
     headers = ["set", "n", "input", "best classical PSNR", "best classical SSIM",
                "fape (task)", "fape (planner)", *(["fape (ensemble)"] if ensemble else []),
                "beats all: PSNR", "beats all: SSIM"]
     rows = []
     for res in results:
         fape = res.fape_rows()
-        task_row = fape[0] if fape else None
-        plan_row = fape[1] if len(fape) > 1 else None
-        ens_row = [_pair(fape[2] if len(fape) > 2 else None)] if ensemble else []
+        single = [r for r in fape if not is_ens(r)]
+        task_row = single[0] if single else None
+        plan_row = single[1] if len(single) > 1 else None
+        ens_row = [_pair(next((r for r in fape if is_ens(r)), None))] if ensemble else []
         classical = [r for r in res.rows if r.kind == "classical"]
         best_p = max(classical, key=lambda r: r.mean("psnr") or -1e9, default=None)
         best_s = max(classical, key=lambda r: r.mean("ssim") or -1e9, default=None)

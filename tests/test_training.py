@@ -484,12 +484,15 @@ def test_warm_start_copies_matching_tensors(image_dir: Path, tmp_path: Path) -> 
     target.save_pretrained(tmp_path / "dst")
     assert FapeS.from_pretrained(tmp_path / "dst").config.blocks == (0, 1, 1, 1)
     # through the recipe: the report reaches the log, a wrong folder is a usage error
-    cfg = tiny(image_dir, tmp_path / "run", "schedule.steps=1", "loss.adv=0",
-               "schedule.val_every=0", "schedule.ckpt_every=0",
-               f"model.warm_start='{tmp_path / 'src'}'")
-    result = train_quiet(cfg)
+    args = ("schedule.steps=1", "loss.adv=0", "schedule.val_every=0", "schedule.ckpt_every=1",
+            f"model.warm_start='{tmp_path / 'src'}'")
+    result = train_quiet(tiny(image_dir, tmp_path / "run", *args))
     assert any(r.startswith("warm start from") for r in result.reports)
     assert any("optim.d0" in r for r in result.reports)  # the default d0 is pointed out
+    # a resume takes weights and step size from its checkpoint: neither report applies
+    resumed = train_quiet(tiny(image_dir, tmp_path / "run", *args, "resume=auto"))
+    assert resumed.step == 1
+    assert not any("warm start" in r or "optim.d0" in r for r in resumed.reports)
     cfg = tiny(image_dir, tmp_path / "run3", "schedule.steps=1", "loss.adv=0",
                "schedule.val_every=0", "schedule.ckpt_every=0", "optim.d0=1e-3",
                f"model.warm_start='{tmp_path / 'src'}'")

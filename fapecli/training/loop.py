@@ -349,8 +349,8 @@ class _Parts:
 def _build(cfg: TrainConfig, acc: Any, model: nn.Module | None,
            warm: bool = True) -> tuple[_Parts, list[str]]:
     """Generator, discriminator, perceptual loss, optimisers and schedulers, on the device;
-    with the build's report lines (warm start, unless ``warm`` is off for a resume, and the
-    discriminator backbone)."""
+    with the build's report lines (warm start and the optim.d0 note, unless ``warm`` is off for
+    a resume, whose optimiser state brings its own step size; the discriminator backbone)."""
     from prodigyopt import Prodigy
 
     from fapecli.training.discriminator import build_discriminator
@@ -365,7 +365,7 @@ def _build(cfg: TrainConfig, acc: Any, model: nn.Module | None,
         if cfg.model.executor != "compact" or cfg.model.init:
             raise UsageError("model.warm_start works for a compact preset without model.init")
         reports.append(warm_start(gen, cfg.model.warm_start))
-    if (cfg.model.warm_start or cfg.model.init) and oc.d0 <= DEFAULT_D0:
+    if warm and (cfg.model.warm_start or cfg.model.init) and oc.d0 <= DEFAULT_D0:
         reports.append(f"note: optim.d0={oc.d0:g} with trained weights: Prodigy's step size "
                        "grows slowly from there near a minimum; continuing a model, set optim.d0 "
                        "to the last d_coef of its log.csv (about 1e-3 for fape-s)")
