@@ -30,10 +30,10 @@ The MoE wraps the layers named in ``moe_targets`` (the field's default: each blo
 projection ``fuse_proj`` and FFN output ``ffn.project_out``, the two projections that write into
 the residual stream, like FLUX's ``to_out``; the fape-s preset keeps them on the blocks of the
 two deepest levels, where they cost least); any name suffix or fnmatch pattern works. Super-
-resolution: the network works at output resolution; :func:`prepare_input` upsamples bicubically
-first. Inputs of any size are reflect-padded to a multiple of ``stem * 2 ** (levels - 1)``
-(16 for fape-s) and cropped back. Checkpoints are diffusers-like: ``config.json`` +
-``model.safetensors``.
+resolution: the network works at output resolution; :func:`prepare_input` upsamples first
+(Lanczos, :mod:`fapecli.resample`). Inputs of any size are reflect-padded to a multiple of
+``stem * 2 ** (levels - 1)`` (16 for fape-s) and cropped back. Checkpoints are diffusers-like:
+``config.json`` + ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from torch import nn
 from fapecli.execution.conditioning import PlanEncoder
 from fapecli.execution.moe import inject_lora_moe, plan_context, target_matcher
 from fapecli.planning.plan import Plan
+from fapecli.resample import upsample_tensor
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -515,11 +516,10 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def prepare_input(image: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
-    """Bicubic upsampling by ``plan.scale`` when the plan includes super-resolution."""
+    """Upsampling by ``plan.scale`` (`fapecli.resample`) when the plan includes SR."""
     if plan is None or "sr" not in plan.tasks or not plan.scale or plan.scale <= 1:
         return image
-    x = F.interpolate(image.float(), scale_factor=plan.scale, mode="bicubic", align_corners=False)
-    return x.clamp_(0, 1).to(image.dtype)
+    return upsample_tensor(image, int(plan.scale))
 
 
 def flops_per_megapixel(model: FapeS, size: int = 256) -> float:

@@ -2,11 +2,11 @@
 
 * Clean folders (``data.clean_dirs``; a folder with a ``gt/`` subfolder means that subfolder):
   a random crop with a random flip / rot90, then :func:`~fapecli.training.degrade.
-  random_degradation` at crop level. Low resolution comes back bicubically upsampled to the
-  crop size (``keep_size``), because the executor restores at output resolution after a
-  bicubic upsample (:func:`fapecli.execution.compact.prepare_input`).
+  random_degradation` at crop level. Low resolution comes back upsampled to the crop size
+  (``keep_size``) by `fapecli.resample.upsample`, as the executor's input is at inference
+  (:func:`fapecli.execution.compact.prepare_input`).
 * Paired folders (``data.paired_dirs``, ``gt/`` + ``lq/`` with matching file stems): crops at
-  the same place; a smaller lq (SR pairs) is bicubically upsampled to the gt size once.
+  the same place; a smaller lq (SR pairs) is upsampled to the gt size once, the same way.
 * Decoding happens once: every image is kept in memory as uint8.
 * Determinism: sample ``i`` is drawn from ``default_rng([seed, i])``; the batch of step ``s``
   on rank ``r`` of ``w`` holds samples ``(s * w + r) * B + j``. So a run is reproducible
@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fapecli.errors import UsageError
 from fapecli.planning.plan import Plan
+from fapecli.resample import upsample
 from fapecli.tasks import NONE, TASK_NAMES, band_of, get_task, normalize_task
 from fapecli.training.config import DataConfig
 
@@ -93,12 +94,6 @@ def load_uint8(path: Path) -> np.ndarray:
     return np.ascontiguousarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8))
 
 
-def _upsample_to(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    if img.shape[:2] == hw:
-        return img
-    return cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_CUBIC)
-
-
 @dataclass
 class Item:
     """One training or validation image: gt (uint8), lq for pairs, and what is known of it."""
@@ -127,7 +122,7 @@ def load_items(cfg: DataConfig) -> tuple[list[Item], list[Item]]:
         ratio = gt.shape[0] / lq.shape[0]
         scale = round(ratio) if ratio > 1.05 else None
         folder = g.parent.parent.name
-        paired.append(Item(gt, _upsample_to(lq, gt.shape[:2]), tasks.get(folder), scale, str(g)))
+        paired.append(Item(gt, upsample(lq, gt.shape[:2]), tasks.get(folder), scale, str(g)))
     nv, npv = cfg.val_count, min(cfg.val_paired, max(0, len(paired) - 1))
     return items[nv:] + paired[npv:], items[:nv] + paired[:npv]
 

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from fapecli.errors import UsageError
+from fapecli.resample import upsample
 from fapecli.tasks import DEGRADATIONS, NONE, get_task
 
 if TYPE_CHECKING:
@@ -833,9 +834,9 @@ def add_lowres(image: np.ndarray, rng: RngLike = None, scale: int | None = None,
     The result is ``(H // scale) x (W // scale)``: the input is cropped bottom/right to a
     multiple of ``scale`` first. ``realistic=False``: antialiased MATLAB-style bicubic
     (`bicubic_downscale`, the SR benchmark protocol); ``True``: `realistic_downscale`.
-    ``keep_size=True`` upsamples the result back with ``cv2.INTER_CUBIC`` to the cropped size
-    and pads the cropped rows/columns by edge replication, so the output is H x W and
-    pixel-aligned with the input.
+    ``keep_size=True`` upsamples the result back to the cropped size (`fapecli.resample.
+    upsample`, as the executor's input at inference) and pads the cropped rows/columns by edge
+    replication, so the output is H x W and pixel-aligned with the input.
     """
     gen, img = as_rng(rng), as_image(image)
     s = int(_pick(gen, "lowres", "scale", scale, severity))
@@ -849,7 +850,7 @@ def add_lowres(image: np.ndarray, rng: RngLike = None, scale: int | None = None,
     params["lr_size"] = [int(out.shape[0]), int(out.shape[1])]
     if keep_size:
         hc, wc = params["crop"]
-        out = _resize(out, (hc, wc), cv2.INTER_CUBIC)
+        out = upsample(out, (hc, wc))
         out = cv2.copyMakeBorder(out, 0, h0 - hc, 0, w0 - wc, cv2.BORDER_REPLICATE)
     return _finish(out), params
 
