@@ -474,6 +474,7 @@ class Row:
     images: dict[str, dict[str, float]] = field(default_factory=dict)  # metrics + seconds, mp
     plans: dict[str, str] = field(default_factory=dict)  # planner rows: task chosen per image
     cached: int = 0  # images whose scores came from the cache
+    ensemble: bool = False  # fape rows: with test-time self-ensemble
 
     def mean(self, key: str) -> float | None:
         values = [v[key] for v in self.images.values() if key in v]
@@ -585,7 +586,7 @@ def run_model(model: Any, samples: list[Sample], spec: BenchSet, planner: bool,
     if ensemble:
         kwargs["ensemble"] = True
         label, settings = label[:-1] + ", ensemble)", settings + ", ensemble=True"
-    row = Row(label, "fape", settings)
+    row = Row(label, "fape", settings, ensemble=ensemble)
     if samples:  # untimed warm-up: the first forward of a process/shape is several x slower
         _restore(model, samples[0], kwargs)
     for s in samples:
@@ -686,20 +687,17 @@ def _mark(ok: bool) -> str:
 
 
 def summary_table(results: list[SetResult]) -> str:
-    def is_ens(row: Row) -> bool:
-        return row.settings.endswith("ensemble=True")
-
-    ensemble = any(is_ens(r) for res in results for r in res.fape_rows())
+    ensemble = any(r.ensemble for res in results for r in res.fape_rows())
     headers = ["set", "n", "input", "best classical PSNR", "best classical SSIM",
                "fape (task)", "fape (planner)", *(["fape (ensemble)"] if ensemble else []),
                "beats all: PSNR", "beats all: SSIM"]
     rows = []
     for res in results:
         fape = res.fape_rows()
-        single = [r for r in fape if not is_ens(r)]
+        single = [r for r in fape if not r.ensemble]
         task_row = single[0] if single else None
         plan_row = single[1] if len(single) > 1 else None
-        ens_row = [_pair(next((r for r in fape if is_ens(r)), None))] if ensemble else []
+        ens_row = [_pair(next((r for r in fape if r.ensemble), None))] if ensemble else []
         classical = [r for r in res.rows if r.kind == "classical"]
         best_p = max(classical, key=lambda r: r.mean("psnr") or -1e9, default=None)
         best_s = max(classical, key=lambda r: r.mean("ssim") or -1e9, default=None)

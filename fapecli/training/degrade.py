@@ -834,9 +834,9 @@ def add_lowres(image: np.ndarray, rng: RngLike = None, scale: int | None = None,
     The result is ``(H // scale) x (W // scale)``: the input is cropped bottom/right to a
     multiple of ``scale`` first. ``realistic=False``: antialiased MATLAB-style bicubic
     (`bicubic_downscale`, the SR benchmark protocol); ``True``: `realistic_downscale`.
-    ``keep_size=True`` upsamples the result back to the cropped size (`fapecli.resample.
-    upsample`, as the executor's input at inference) and pads the cropped rows/columns by edge
-    replication, so the output is H x W and pixel-aligned with the input.
+    ``keep_size=True`` upsamples the result back to the cropped size with
+    `fapecli.resample.upsample` (as the executor's input at inference) and pads the cropped
+    rows/columns by edge replication, so the output is H x W and pixel-aligned with the input.
     """
     gen, img = as_rng(rng), as_image(image)
     s = int(_pick(gen, "lowres", "scale", scale, severity))
