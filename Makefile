@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch and torchvision are pinned to a pair that installs together (CPU and CUDA).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint man bench-plan bench-quality bench-speed
+.PHONY: demo test lint man bench-plan bench-quality bench-quick bench-speed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -41,6 +41,11 @@ bench-plan: $(VENV)/.installed
 
 bench-quality: $(VENV)/.bench
 	$(PY) bench/quality.py --data ../shared/data
+
+# the first 4 images per set; classical scores reused from the committed report
+bench-quick: $(VENV)/.bench
+	$(PY) bench/quality.py --data ../shared/data --limit 4 --ensemble \
+		--cache-from bench/results/quality-quick.json --out bench/results/quality-quick.md
 
 bench-speed: $(VENV)/.installed
 	$(PY) bench/speed.py --model fape-s --sizes 1,24 --threads 2

@@ -9,7 +9,8 @@ when `fapecli.planning.rules` exists, the model with the rule planner choosing t
 Synthetic sets are made from CBSD68 exactly as `fape degrade` makes them (seed + index per
 image, fixed severity) and cached as 8-bit PNG under bench/out/quality/inputs/; baseline
 scores are cached per image under bench/out/quality/cache/ (keyed by method settings and set
-recipe), so a rerun with a new model only runs the model. Writes a Markdown report and a JSON
+recipe), so a rerun with a new model only runs the model; ``--cache-from`` seeds that cache
+from a committed report's JSON on a fresh checkout. Writes a Markdown report and a JSON
 file with every number (same name, .json).
 """
 
@@ -530,6 +531,33 @@ class Cache:
         os.replace(tmp, self.path)
 
 
+def seed_cache(results: Path, specs: list[BenchSet], bm3d_profile: str = "np") -> int:
+    """Fill the classical cache of ``specs`` from an earlier report's JSON (its per-image
+    scores), so a fresh checkout reruns only the model; returns the rows seeded.
+
+    A row is taken only when its set recipe and method settings equal today's: changed data,
+    seeds or baselines are recomputed, never mixed in.
+    """
+    try:
+        sets = {s["name"]: s for s in json.loads(results.read_text())["sets"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BenchError(f"--cache-from {results}: not a quality.py results JSON ({exc})") from None
+    seeded = 0
+    for spec in specs:
+        old = sets.get(spec.name)
+        if old is None or old.get("recipe") != spec.recipe():
+            continue
+        cache = Cache(spec, enabled=True)
+        methods = {m.label: m for m in baselines_for(spec, bm3d_profile)}
+        for row in old.get("rows", []):
+            method = methods.get(row.get("method"))
+            if method is not None and method.settings == row.get("settings") and row.get(
+                    "per_image"):
+                cache.put(method, row["per_image"])
+                seeded += 1
+    return seeded
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -851,6 +879,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bm3d-profile", choices=("np", "lc"), default="np",
                    help="BM3D profile: np (default, as bm3d_rgb uses) or lc (faster)")
     p.add_argument("--no-cache", action="store_true", help="recompute classical rows")
+    p.add_argument("--cache-from", type=Path, default=None, metavar="JSON",
+                   help="seed the classical cache from an earlier report's JSON (e.g. "
+                        "bench/results/quality-quick.json) where recipes and settings match")
     p.add_argument("--no-model", action="store_true", help="only the classical rows")
     p.add_argument("--ensemble", action="store_true",
                    help="add a row with test-time self-ensemble (fape restore --ensemble)")
@@ -872,6 +903,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise BenchError("--limit must be at least 1")
         specs = pick_sets(args.sets)
+        if args.cache_from is not None and not args.no_cache:
+            seeded = seed_cache(args.cache_from, specs, args.bm3d_profile)
+            log(f"seeded {seeded} classical rows from {args.cache_from}")
         ref = None if args.no_model else resolve_model(args.model)
         limit_threads(THREADS)
         model, model_info = load(args, ref)
