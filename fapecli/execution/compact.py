@@ -125,7 +125,7 @@ DEEP_MOE_TARGETS = tuple(f"{stage}.*.{layer}" for stage in ("encoders.2", "decod
                          for layer in ("fuse_proj", "ffn.project_out"))
 
 PRESETS: dict[str, FapeSConfig] = {
-    # the default (v3 to v5): ~1.4 M parameters, ~22 GFLOPs/MP. Its full blocks sit at the cheap
+    # the default (v3 to v7): ~1.4 M parameters, ~22 GFLOPs/MP. Its full blocks sit at the cheap
     # low-resolution levels: the half-resolution top level has one light (NAFNet-style) block
     # each way, level 1 one full block each way (see bench/results/speed.md)
     "fape-s": FapeSConfig(name="fape-s", blocks=(0, 1, 2, 4), decoder_blocks=(0, 1, 2),
