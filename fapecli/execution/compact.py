@@ -125,11 +125,14 @@ DEEP_MOE_TARGETS = tuple(f"{stage}.*.{layer}" for stage in ("encoders.2", "decod
                          for layer in ("fuse_proj", "ffn.project_out"))
 
 PRESETS: dict[str, FapeSConfig] = {
-    # the default (v3 to v7): ~1.4 M parameters, ~22 GFLOPs/MP. Its full blocks sit at the cheap
-    # low-resolution levels: the half-resolution top level has one light (NAFNet-style) block
+    # the default (v8): ~1.4 M parameters, ~26 GFLOPs/MP. Its full blocks sit at the cheap
+    # low-resolution levels: the half-resolution top level has three light (NAFNet-style) blocks
     # each way, level 1 one full block each way (see bench/results/speed.md)
     "fape-s": FapeSConfig(name="fape-s", blocks=(0, 1, 2, 4), decoder_blocks=(0, 1, 2),
-                          light_blocks=(1, 1), moe_targets=DEEP_MOE_TARGETS),
+                          light_blocks=(3, 3), moe_targets=DEEP_MOE_TARGETS),
+    # the defaults v3 to v7: one light block each way (22 GFLOPs/MP)
+    "fape-s-v3": FapeSConfig(name="fape-s-v3", blocks=(0, 1, 2, 4), decoder_blocks=(0, 1, 2),
+                             light_blocks=(1, 1), moe_targets=DEEP_MOE_TARGETS),
     # the second default: v3 without the light blocks (0.84 s/MP on 2 EPYC threads)
     "fape-s-v2": FapeSConfig(name="fape-s-v2", blocks=(0, 1, 2, 4), decoder_blocks=(0, 1, 2),
                              moe_targets=DEEP_MOE_TARGETS),
