@@ -124,18 +124,18 @@ class FapeSConfig:
 DEEP_MOE_TARGETS = tuple(f"{stage}.*.{layer}" for stage in ("encoders.2", "decoders.2", "latent")
                          for layer in ("fuse_proj", "ffn.project_out"))
 
+# the default (v8): ~1.4 M parameters, ~26 GFLOPs/MP. Its full blocks sit at the cheap
+# low-resolution levels: the half-resolution top level has three light (NAFNet-style) blocks
+# each way, level 1 one full block each way (see bench/results/speed.md)
+_FAPE_S = FapeSConfig(name="fape-s", blocks=(0, 1, 2, 4), decoder_blocks=(0, 1, 2),
+                      light_blocks=(3, 3), moe_targets=DEEP_MOE_TARGETS)
+
 PRESETS: dict[str, FapeSConfig] = {
-    # the default (v8): ~1.4 M parameters, ~26 GFLOPs/MP. Its full blocks sit at the cheap
-    # low-resolution levels: the half-resolution top level has three light (NAFNet-style) blocks
-    # each way, level 1 one full block each way (see bench/results/speed.md)
-    "fape-s": FapeSConfig(name="fape-s", blocks=(0, 1, 2, 4), decoder_blocks=(0, 1, 2),
-                          light_blocks=(3, 3), moe_targets=DEEP_MOE_TARGETS),
+    "fape-s": _FAPE_S,
     # the defaults v3 to v7: one light block each way (22 GFLOPs/MP)
-    "fape-s-v3": FapeSConfig(name="fape-s-v3", blocks=(0, 1, 2, 4), decoder_blocks=(0, 1, 2),
-                             light_blocks=(1, 1), moe_targets=DEEP_MOE_TARGETS),
-    # the second default: v3 without the light blocks (0.84 s/MP on 2 EPYC threads)
-    "fape-s-v2": FapeSConfig(name="fape-s-v2", blocks=(0, 1, 2, 4), decoder_blocks=(0, 1, 2),
-                             moe_targets=DEEP_MOE_TARGETS),
+    "fape-s-v3": replace(_FAPE_S, name="fape-s-v3", light_blocks=(1, 1)),
+    # the second default: no light blocks (0.84 s/MP on 2 EPYC threads)
+    "fape-s-v2": replace(_FAPE_S, name="fape-s-v2", light_blocks=(0, 0)),
     # the first default (2.7 M parameters, 40 GFLOPs/MP; 1.7-1.8 s/MP on 2 EPYC threads)
     "fape-s-v1": FapeSConfig(name="fape-s-v1"),
     # a larger variant for GPUs (still <= 8 M parameters)
