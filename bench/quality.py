@@ -8,10 +8,10 @@ classical baselines of its task (`baselines_for`), the model with the set's task
 when `fapecli.planning.rules` exists, the model with the rule planner choosing the task.
 Synthetic sets are made from CBSD68 exactly as `fape degrade` makes them (seed + index per
 image, fixed severity) and cached as 8-bit PNG under bench/out/quality/inputs/; baseline
-scores are cached per image under bench/out/quality/cache/ (keyed by method settings and set
-recipe), so a rerun with a new model only runs the model; ``--cache-from`` seeds that cache
-from a committed report's JSON on a fresh checkout. Writes a Markdown report and a JSON
-file with every number (same name, .json).
+scores are cached per image under bench/out/quality/cache/ (keyed by method settings, set
+recipe and the generator revisions of its degradations), so a rerun with a new model only
+runs the model; ``--cache-from`` seeds that cache from a committed report's JSON on a fresh
+checkout. Writes a Markdown report and a JSON file with every number (same name, .json).
 """
 
 from __future__ import annotations
@@ -80,6 +80,15 @@ class BenchSet:
     def sigma(self) -> float | None:
         """The known Gaussian noise sigma (0-255 units) of a noise set."""
         return next((float(v) for s, k, v in self.params if (s, k) == ("noise", "sigma")), None)
+
+    @property
+    def revisions(self) -> dict[str, int]:
+        """The generator revision of each synthetic degradation (`degrade.REVISIONS`)."""
+        from fapecli.tasks import get_task
+        from fapecli.training.degrade import revision
+
+        kinds = [get_task(t).degradation for t in (self.degradation or "").split(",") if t]
+        return {k: revision(k) for k in kinds}
 
     def overrides(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
@@ -172,7 +181,8 @@ def _synthetic(spec: BenchSet, index: int, clean: Path, folder: Path) -> Sample:
     gt = read_image(clean)
     target = folder / f"{clean.stem}.png"
     sidecar = target.with_suffix(".json")
-    key = {"recipe": spec.recipe(), "seed": spec.seed + index, "source": clean.name}
+    key = {"recipe": spec.recipe(), "seed": spec.seed + index, "source": clean.name,
+           "revisions": spec.revisions}
     if target.is_file() and sidecar.is_file():
         record = json.loads(sidecar.read_text())
         if record.get("key") == key:
@@ -508,12 +518,14 @@ class Cache:
 
     def __init__(self, spec: BenchSet, enabled: bool) -> None:
         self.path = OUT_DIR / "cache" / f"{_slug(spec.name)}.json"
-        self.recipe = spec.recipe()
+        self.recipe, self.revisions = spec.recipe(), spec.revisions
         self.enabled = enabled
         self.data: dict[str, Any] = {}
         if enabled and self.path.is_file():
             data = json.loads(self.path.read_text())
-            if data.get("version") == CACHE_VERSION and data.get("recipe") == self.recipe:
+            made_by = data.get("revisions", dict.fromkeys(self.revisions, 1))  # before: all 1
+            if (data.get("version"), data.get("recipe"), made_by) == (
+                    CACHE_VERSION, self.recipe, self.revisions):
                 self.data = data.get("rows", {})
 
     def get(self, method: Method) -> dict[str, dict[str, float]]:
@@ -526,7 +538,8 @@ class Cache:
         self.data[method.label] = {"settings": method.settings, "images": images}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".part")
-        payload = {"version": CACHE_VERSION, "recipe": self.recipe, "rows": self.data}
+        payload = {"version": CACHE_VERSION, "recipe": self.recipe,
+                   "revisions": self.revisions, "rows": self.data}
         tmp.write_text(json.dumps(payload, indent=1) + "\n")
         os.replace(tmp, self.path)
 
@@ -547,6 +560,9 @@ def seed_cache(results: Path, specs: list[BenchSet], bm3d_profile: str = "np") -
         old = sets.get(spec.name)
         if old is None or old.get("recipe") != spec.recipe():
             continue
+        if spec.synthetic and old.get("revisions", dict.fromkeys(spec.revisions, 1)) != (
+                spec.revisions):
+            continue  # the same recipe made by an older generator: other inputs
         cache = Cache(spec, enabled=True)
         methods = {m.label: m for m in baselines_for(spec, bm3d_profile)}
         for row in old.get("rows", []):
@@ -818,7 +834,8 @@ def write_reports(results: list[SetResult], info: dict[str, Any], out: Path) -> 
     out.write_text("\n".join(lines))
     payload = {**info, "sets": [
         {"name": r.spec.name, "task": r.spec.task, "secondary": list(r.spec.secondary),
-         "recipe": r.spec.recipe(), "source": r.spec.source, "seed": r.spec.seed,
+         "recipe": r.spec.recipe(), "revisions": r.spec.revisions, "source": r.spec.source,
+         "seed": r.spec.seed,
          "severity": r.spec.severity, "params": [list(p) for p in r.spec.params],
          "scale": r.spec.scale, "images": r.count,
          "beats_all": {row.method: {k: r.beats(row, k) for k in METRICS}

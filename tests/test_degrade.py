@@ -152,6 +152,17 @@ def test_kernels_are_normalised() -> None:
     assert k.min() >= 0 and (k > 0).sum() < 0.6 * k.size  # a thin path, not a blob
 
 
+def test_motion_kernels_do_not_shift_the_image() -> None:
+    rng = np.random.default_rng(3)
+    for size, shake in ((7, 0.0), (15, 0.5), (23, 1.0), (31, 0.8)):
+        k = D.motion_kernel(rng, size, shake)
+        ys, xs = np.mgrid[:size, :size]
+        c = (size - 1) / 2
+        assert abs(float((k * xs).sum()) - c) < 1e-3 and abs(float((k * ys).sum()) - c) < 1e-3
+        edges = np.concatenate([k[0], k[-1], k[:, 0], k[:, -1]])
+        assert edges.max() > 0  # scaled until the path reaches the kernel's edge
+
+
 def test_straight_motion_is_a_line() -> None:
     k = D.motion_kernel(np.random.default_rng(5), 25, 0.0)
     ys, xs = np.nonzero(k > 1e-3)

@@ -126,6 +126,16 @@ SEVERITY_LEVELS: dict[str, float] = {
 ORDER: tuple[str, ...] = ("lowres", "blur", "haze", "rain", "snow", "lowlight", "noise", "jpeg")
 EXTRA_STEPS: tuple[str, ...] = ("jpeg",)  # accepted by `degrade`, not a restoration task
 
+# Revision of each degradation's generator, bumped when a seed stops giving the same image, so
+# caches of synthesised sets (bench/quality.py) remake them. blur 2: motion PSFs are centred
+# on their centre of mass, not their bounding box (which also shifted the image).
+REVISIONS: dict[str, int] = {"blur": 2}
+
+
+def revision(degradation: str) -> int:
+    """The generator revision of one degradation (1 unless `REVISIONS` says otherwise)."""
+    return REVISIONS.get(degradation, 1)
+
 
 @dataclass
 class Degraded:
@@ -234,8 +244,10 @@ def motion_kernel(rng: RngLike, size: int = 15, shake: float = 0.5) -> np.ndarra
     The trajectory is a constant-ish speed random walk with momentum (in the spirit of
     Boracchi & Foi 2012): the heading turns with an inertial angular velocity, ``shake`` in
     [0, 1] scales the turning noise, speed jitter and the rate of abrupt jerks (0 gives a
-    near-linear motion). It is scaled to fill the kernel, sampled densely in time and
-    splatted bilinearly, so slow parts of the path weigh more, as in a real exposure.
+    near-linear motion). It is centred on its centre of mass (so the blurred image is not
+    shifted against the sharp one: a shift no restorer can undo) and scaled until it reaches
+    the kernel's edge, sampled densely in time and splatted bilinearly, so slow parts of the
+    path weigh more, as in a real exposure.
     """
     gen = as_rng(rng)
     size = max(3, int(size) | 1)
@@ -252,14 +264,17 @@ def motion_kernel(rng: RngLike, size: int = 15, shake: float = 0.5) -> np.ndarra
         heading += omega + jerk[t]
         steps[t] = speed * np.exp(1j * heading)
     path = np.concatenate([[0.0], np.cumsum(steps)])
-    x, y = path.real, path.imag
-    extent = max(np.ptp(x), np.ptp(y), 1e-6)
+    # centre the time-averaged position (the PSF's centre of mass: the mean of the segment
+    # midpoints, each segment taking equal time) so the blur does not shift the image, and
+    # scale the path so its farthest point reaches the kernel's edge
+    path = path - ((path[:-1] + path[1:]) / 2).mean()
+    reach = max(np.abs(path.real).max(), np.abs(path.imag).max(), 1e-6)
     c = (size - 1) / 2
-    x = (x - (x.max() + x.min()) / 2) * ((size - 1) / extent) + c
-    y = (y - (y.max() + y.min()) / 2) * ((size - 1) / extent) + c
-    up = max(1, math.ceil(4 * np.abs(np.diff(x + 1j * y)).max()))
-    t_fine = np.linspace(0, n, n * up + 1)
-    xs, ys = np.interp(t_fine, np.arange(n + 1), x), np.interp(t_fine, np.arange(n + 1), y)
+    path = path * (c / reach) + complex(c, c)
+    up = max(1, math.ceil(4 * np.abs(np.diff(path)).max()))
+    t_fine = (np.arange(n * up) + 0.5) / up  # equal-time samples: their mean is the centroid
+    xs = np.interp(t_fine, np.arange(n + 1), path.real)
+    ys = np.interp(t_fine, np.arange(n + 1), path.imag)
     return _splat(xs, ys, size)
 
 
@@ -1060,6 +1075,7 @@ __all__ = [
     "EXTRA_STEPS",
     "FUNCTIONS",
     "ORDER",
+    "REVISIONS",
     "SEVERITY_LEVELS",
     "DegradationError",
     "Degraded",
@@ -1088,5 +1104,6 @@ __all__ = [
     "pseudo_depth",
     "random_degradation",
     "realistic_downscale",
+    "revision",
     "sinc_kernel",
 ]
