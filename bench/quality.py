@@ -124,8 +124,8 @@ SETS: tuple[BenchSet, ...] = (
              params=(("noise", "sigma", 50),)),
     BenchSet("Rain100L", "derain", "rain", "test/Rain100L"),
     BenchSet("LOL_v1_eval15", "lowlight", "lowlight", "test/LOL_v1_eval15"),
-    # Levin09's blurred photos sit up to 5 px off their sharp ones (by kernel), so any
-    # shift-free deblurrer loses there to the input; aligned scores are the set's usual ones
+    # Levin09's blurred photos sit up to 5 px off their sharp ones (it varies by kernel), so
+    # unaligned scores mostly measure that shift; aligned ones are the set's usual measure
     BenchSet("Levin09", "deblur", "blur", "test/Levin09", align=8),
     BenchSet("Set5_SRx4", "sr", "sr", "test/Set5_SRx4", scale=4),
     BenchSet("Set14_SRx4", "sr", "sr", "test/Set14_SRx4", scale=4),
