@@ -265,14 +265,11 @@ def register(out: Pixels, gt: Pixels, reach: int) -> tuple[Pixels, Pixels]:
     """``out`` and ``gt`` cropped by ``reach`` px, ``out`` moved by the integer shift within
     +-``reach`` that minimises their mean squared error."""
     h, w = gt.shape[:2]
-    ref = gt[reach:h - reach, reach:w - reach]
-
-    def moved(dy: int, dx: int) -> Pixels:
-        return out[reach + dy:h - reach + dy, reach + dx:w - reach + dx]
-
-    shifts = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)]
-    dy, dx = min(shifts, key=lambda d: float(np.mean((moved(*d) - ref) ** 2)))
-    return moved(dy, dx), ref
+    ref = np.ascontiguousarray(gt[reach:h - reach, reach:w - reach], np.float32)
+    # the sum of squared differences at every offset of ref inside out: (2 reach + 1)^2 values
+    ssd = cv2.matchTemplate(np.ascontiguousarray(out, np.float32), ref, cv2.TM_SQDIFF)
+    _, _, (x, y), _ = cv2.minMaxLoc(ssd)
+    return out[y:y + h - 2 * reach, x:x + w - 2 * reach], ref
 
 
 def score(out: Pixels, gt: Pixels, crop: int, align: int = 0) -> dict[str, float]:
@@ -547,19 +544,24 @@ class Row:
         return d
 
 
+def same_inputs(record: dict[str, Any], spec: BenchSet) -> bool:
+    """Whether a cache or report record was made from ``spec``'s inputs: the same recipe, made
+    by the same generator revisions (records from before revisions existed: all 1)."""
+    made_by = record.get("revisions", dict.fromkeys(spec.revisions, 1))
+    return record.get("recipe") == spec.recipe() and made_by == spec.revisions
+
+
 class Cache:
     """Per-set JSON of classical scores per image, keyed by method label + settings."""
 
     def __init__(self, spec: BenchSet, enabled: bool) -> None:
         self.path = OUT_DIR / "cache" / f"{_slug(spec.name)}.json"
-        self.recipe, self.revisions = spec.recipe(), spec.revisions
+        self.recipe, self.revisions = spec.recipe(), spec.revisions  # what put() records
         self.enabled = enabled
         self.data: dict[str, Any] = {}
         if enabled and self.path.is_file():
             data = json.loads(self.path.read_text())
-            made_by = data.get("revisions", dict.fromkeys(self.revisions, 1))  # before: all 1
-            if (data.get("version"), data.get("recipe"), made_by) == (
-                    CACHE_VERSION, self.recipe, self.revisions):
+            if data.get("version") == CACHE_VERSION and same_inputs(data, spec):
                 self.data = data.get("rows", {})
 
     def get(self, method: Method) -> dict[str, dict[str, float]]:
@@ -592,11 +594,8 @@ def seed_cache(results: Path, specs: list[BenchSet], bm3d_profile: str = "np") -
     seeded = 0
     for spec in specs:
         old = sets.get(spec.name)
-        if old is None or old.get("recipe") != spec.recipe():
+        if old is None or not same_inputs(old, spec):
             continue
-        if spec.synthetic and old.get("revisions", dict.fromkeys(spec.revisions, 1)) != (
-                spec.revisions):
-            continue  # the same recipe made by an older generator: other inputs
         cache = Cache(spec, enabled=True)
         methods = {m.label: m for m in baselines_for(spec, bm3d_profile)}
         for row in old.get("rows", []):
