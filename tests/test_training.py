@@ -458,6 +458,32 @@ def test_adapters_only_trains_lora_routers_and_plan_encoder(image_dir: Path) -> 
     assert len(select_trainable(model, "all")) == len(list(model.parameters()))
 
 
+def test_warm_start_averages_several_folders(tmp_path: Path) -> None:
+    """``a,b`` starts from the mean of two models; a tensor only one of them holds with the
+    model's shape stays fresh."""
+    from fapecli.execution.compact import create_model
+    from fapecli.training.loop import warm_start
+
+    torch.manual_seed(1)
+    a = create_model("fape-tiny", blocks=(1, 1, 1, 2))
+    torch.manual_seed(2)
+    b = create_model("fape-tiny")  # one latent block fewer than a
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    target = create_model("fape-tiny", blocks=(1, 1, 1, 2))
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    report = warm_start(target, f"{tmp_path / 'a'},{tmp_path / 'b'}")
+    assert report.startswith("warm start from the average of")
+    sa, sb, tgt = a.state_dict(), b.state_dict(), target.state_dict()
+    name = "embed.1.weight"
+    assert not torch.equal(sa[name], sb[name])
+    torch.testing.assert_close(tgt[name], (sa[name] + sb[name]) / 2)
+    only_a = [k for k in sa if k not in sb]
+    assert only_a and all(torch.equal(tgt[k], fresh[k]) for k in only_a)
+    with pytest.raises(UsageError, match="warm_start"):
+        warm_start(target, f"{tmp_path / 'a'},{tmp_path / 'missing'}")
+
+
 def test_warm_start_copies_matching_tensors(image_dir: Path, tmp_path: Path) -> None:
     """A shallower preset with the MoE on more layers starts from a deeper model's tensors:
     plain and MoE-wrapped projections match through ``base.``, the rest starts fresh."""

@@ -70,7 +70,8 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # FapeSConfig / FluxAdapterConfig
     init: str = ""  # a model (flux: adapters) folder to start from ("" = from scratch)
     # compact: a model folder whose tensors of matching name and shape initialise the preset
-    # (a different depth or MoE placement is fine; the rest starts fresh)
+    # (a different depth or MoE placement is fine; the rest starts fresh); "a,b,c" starts
+    # from the uniform weight average of several such folders
     warm_start: str = ""
     train_params: str = "all"  # "all" (from scratch) or "adapters" (LoRA experts/routers/plan)
     base: str = "flux.1-dev"  # flux: weights.toml name or folder with transformer/ and vae/

@@ -119,28 +119,38 @@ def build_compact(cfg: ModelConfig, **_: Any) -> nn.Module:
 def warm_start(model: nn.Module, source: str | Path) -> str:
     """Copy into ``model`` every tensor of the model folder ``source`` whose name and shape
     match (a layer wrapped by the LoRA-MoE in one and plain in the other still matches through
-    its ``base.``); returns a report line."""
+    its ``base.``); returns a report line.
+
+    ``source`` may name several folders separated by commas: then a tensor takes the uniform
+    average of the folders' values (a weight average of models fine-tuned from one parent),
+    and only when every folder holds it with the model's shape.
+    """
     from safetensors.torch import load_file
 
     from fapecli.execution.compact import WEIGHTS_NAME
 
-    path = Path(source)
-    file = path / WEIGHTS_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise UsageError("model.warm_start: no model weights here", str(file))
-    src = {_plain_name(k): v for k, v in load_file(str(file)).items()}
+    files: list[Path] = []
+    for part in str(source).split(","):
+        path = Path(part.strip())
+        file = path / WEIGHTS_NAME if path.is_dir() else path
+        if not file.is_file():
+            raise UsageError("model.warm_start: no model weights here", str(file))
+        files.append(file)
+    srcs = [{_plain_name(k): v for k, v in load_file(str(f)).items()} for f in files]
     state = model.state_dict()
     copied = 0
     with torch.no_grad():
         for name, tensor in state.items():
-            value = src.get(_plain_name(name))
-            if value is not None and value.shape == tensor.shape:
-                tensor.copy_(value.to(tensor.dtype))
+            values = [src.get(_plain_name(name)) for src in srcs]
+            if all(v is not None and v.shape == tensor.shape for v in values):
+                mean = sum(v.double() for v in values) / len(values)
+                tensor.copy_(mean.to(tensor.dtype))
                 copied += 1
     if not copied:
         raise UsageError("model.warm_start: no tensor matches the model's names and shapes",
-                         str(file))
-    return f"warm start from {file}: {copied} of {len(state)} tensors copied"
+                         ", ".join(str(f) for f in files))
+    what = str(files[0]) if len(files) == 1 else f"the average of {', '.join(map(str, files))}"
+    return f"warm start from {what}: {copied} of {len(state)} tensors copied"
 
 
 def _plain_name(key: str) -> str:
