@@ -124,7 +124,7 @@ class FapeSConfig:
 DEEP_MOE_TARGETS = tuple(f"{stage}.*.{layer}" for stage in ("encoders.2", "decoders.2", "latent")
                          for layer in ("fuse_proj", "ffn.project_out"))
 
-# the default (v8 to v11): ~1.4 M parameters, ~26 GFLOPs/MP. Its full blocks sit at the cheap
+# the default (v8 to v15): ~1.4 M parameters, ~26 GFLOPs/MP. Its full blocks sit at the cheap
 # low-resolution levels: the half-resolution top level has three light (NAFNet-style) blocks
 # each way, level 1 one full block each way (see bench/results/speed.md)
 _FAPE_S = FapeSConfig(name="fape-s", blocks=(0, 1, 2, 4), decoder_blocks=(0, 1, 2),
