@@ -31,7 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 weights_app = typer.Typer(
-    help="List, verify, import and fetch the model files named in weights.toml.",
+    help="List, verify, import and fetch the model files named in weights.toml; average models.",
     no_args_is_help=True,
 )
 app.add_typer(weights_app, name="weights")
@@ -836,6 +836,35 @@ def weights_fetch(
     report = Reporter(quiet=quiet)
     results = [r for name in names for r in fetch_weights(name, base_url=base_url)]
     _print_weight_results(results, json_out, report)
+
+
+@weights_app.command("average")
+@_handles_errors
+def weights_average(
+    models: Annotated[
+        list[Path], typer.Argument(help="Model folders (config.json + model.safetensors).")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.")],
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", help="Mixing weights, comma-separated (default: uniform)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write the weight average of models fine-tuned from one parent (a model soup)."""
+    from fapecli.training.average import average_models
+
+    mix = None
+    if weights is not None:
+        try:
+            mix = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise UsageError(f"--weights: not a list of numbers: {weights!r}") from None
+    out = average_models(models, output, weights=mix, overwrite=overwrite)
+    Reporter(quiet=quiet).info(f"wrote {out} (the average of {len(models)} models)")
 
 
 def _print_weight_results(results: list, json_out: bool, report: Reporter) -> None:

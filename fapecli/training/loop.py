@@ -127,15 +127,9 @@ def warm_start(model: nn.Module, source: str | Path) -> str:
     """
     from safetensors.torch import load_file
 
-    from fapecli.execution.compact import WEIGHTS_NAME
+    from fapecli.training.average import mean_tensor, weights_file
 
-    files: list[Path] = []
-    for part in str(source).split(","):
-        path = Path(part.strip())
-        file = path / WEIGHTS_NAME if path.is_dir() else path
-        if not file.is_file():
-            raise UsageError("model.warm_start: no model weights here", str(file))
-        files.append(file)
+    files = [weights_file(part.strip(), "model.warm_start") for part in str(source).split(",")]
     srcs = [{_plain_name(k): v for k, v in load_file(str(f)).items()} for f in files]
     state = model.state_dict()
     copied = 0
@@ -143,8 +137,10 @@ def warm_start(model: nn.Module, source: str | Path) -> str:
         for name, tensor in state.items():
             values = [src.get(_plain_name(name)) for src in srcs]
             if all(v is not None and v.shape == tensor.shape for v in values):
-                mean = sum(v.double() for v in values) / len(values)
-                tensor.copy_(mean.to(tensor.dtype))
+                if tensor.is_floating_point():
+                    tensor.copy_(mean_tensor(values, dtype=tensor.dtype))
+                else:
+                    tensor.copy_(values[0])
                 copied += 1
     if not copied:
         raise UsageError("model.warm_start: no tensor matches the model's names and shapes",

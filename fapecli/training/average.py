@@ -1,0 +1,163 @@
+"""Weight averages of exported models (a "model soup" of stages fine-tuned from one parent).
+
+:func:`mean_tensor` is the arithmetic shared by ``model.warm_start=A,B`` (average, then
+train on) and :func:`average_models` (`fape weights average`: write the average itself as a
+model folder). Means are taken in float64 and stored back in each tensor's own dtype, so an
+average of float16 models is a float16 model of the same size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fapecli.errors import FapeError, UsageError
+from fapecli.execution.compact import CONFIG_NAME, WEIGHTS_NAME
+
+
+def weights_file(source: str | Path, what: str = "model") -> Path:
+    """The safetensors file of a model folder (or the file itself); a clear error if absent."""
+    path = Path(source)
+    file = path / WEIGHTS_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise UsageError(f"{what}: no model weights here", str(file))
+    return file
+
+
+def normalise_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """Mixing weights for ``count`` models: uniform by default, else non-negative, summing
+    to 1 after scaling (``0.3,0.7`` and ``3,7`` are the same mix)."""
+    if weights is None:
+        return [1.0 / count] * count
+    if len(weights) != count:
+        raise UsageError(f"{len(weights)} weights for {count} models")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise UsageError("weights must be non-negative and not all zero")
+    total = float(sum(weights))
+    return [w / total for w in weights]
+
+
+def mean_tensor(values: Sequence[torch.Tensor], weights: Sequence[float] | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weighted mean of same-shaped tensors in float64, cast to ``dtype`` (default: the
+    first tensor's). Integer tensors (counters, indices) must agree and are kept as they are."""
+    first = values[0]
+    if not first.is_floating_point():
+        if any(not torch.equal(v, first) for v in values[1:]):
+            raise ValueError("integer tensors differ between the models")
+        return first.clone()
+    mix = normalise_weights(weights, len(values))
+    mean = sum(w * v.double() for w, v in zip(mix, values, strict=True))
+    return mean.to(dtype or first.dtype)
+
+
+def average_models(sources: Sequence[str | Path], out: str | Path, *,
+                   weights: Sequence[float] | None = None, overwrite: bool = False) -> Path:
+    """Write the (weighted) average of model folders ``sources`` to the folder ``out``.
+
+    The models must hold the same tensors with the same shapes, and their ``config.json``
+    must agree on everything but ``extra``. ``out`` gets their ``config.json`` with
+    ``extra.average_of`` listing each source (its path, weight and training record), and a
+    ``model.safetensors`` whose metadata carries that config, like ``save_pretrained``.
+    ``out`` is written beside itself under a temporary name and then moved into place; it may
+    not be one of the sources, and an existing ``out`` is replaced only with ``overwrite``.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    if len(sources) < 2:
+        raise UsageError("averaging needs at least two models")
+    mix = normalise_weights(weights, len(sources))
+    files = [weights_file(s) for s in sources]
+    target = Path(out)
+    if any(target.resolve() in (f.resolve(), f.parent.resolve()) for f in files):
+        raise UsageError("the output would overwrite one of the models averaged", str(target))
+    if target.exists() and not overwrite:
+        raise UsageError("already exists (--overwrite replaces it)", str(target))
+    if target.exists() and not target.is_dir():
+        raise UsageError("not a folder", str(target))
+
+    configs = [_read_config(f) for f in files]
+    core = [{k: v for k, v in c.items() if k != "extra"} for c in configs]
+    for file, c in zip(files[1:], core[1:], strict=True):
+        if c != core[0]:
+            diff = sorted(k for k in set(c) | set(core[0]) if c.get(k) != core[0].get(k))
+            raise UsageError(f"config differs from {files[0]} in {', '.join(diff)}", str(file))
+
+    states = [load_file(str(f)) for f in files]
+    for file, state in zip(files[1:], states[1:], strict=True):
+        _check_same_tensors(states[0], state, file, files[0])
+    averaged = {}
+    for name in states[0]:
+        try:
+            averaged[name] = mean_tensor([s[name] for s in states], mix).contiguous()
+        except ValueError as exc:
+            raise UsageError(f"{name}: {exc}", str(files[1])) from None
+
+    config: dict[str, Any] = dict(configs[0])
+    if config:
+        config["extra"] = {"average_of": [
+            {"model": str(src), "weight": w, **_provenance(c)}
+            for src, w, c in zip(sources, mix, configs, strict=True)]}
+    with safe_open(str(files[0]), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    text = json.dumps(config, indent=2)
+    if config:
+        metadata["config"] = text
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_file(averaged, str(tmp / WEIGHTS_NAME), metadata=metadata or None)
+        if config:
+            (tmp / CONFIG_NAME).write_text(text + "\n")
+        if target.exists():
+            for item in tmp.iterdir():
+                os.replace(item, target / item.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, target)
+    except OSError as exc:
+        raise FapeError(f"cannot write the average: {exc.strerror or exc}", str(target)) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _read_config(weights: Path) -> dict[str, Any]:
+    """The model's config.json beside its weights ({} when there is none)."""
+    file = weights.parent / CONFIG_NAME
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"unreadable config: {exc}", str(file)) from None
+
+
+def _provenance(config: dict[str, Any]) -> dict[str, Any]:
+    """What a source's config records of how it was made (training run or earlier average)."""
+    extra = config.get("extra")
+    if not isinstance(extra, dict):
+        return {}
+    return dict(extra["training"]) if isinstance(extra.get("training"), dict) else dict(extra)
+
+
+def _check_same_tensors(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
+                        file: Path, ref_file: Path) -> None:
+    missing, extra = sorted(set(ref) - set(other)), sorted(set(other) - set(ref))
+    if missing or extra:
+        names = ", ".join((missing + extra)[:3])
+        raise UsageError(f"holds different tensors from {ref_file} ({names}, ...)", str(file))
+    for name, tensor in ref.items():
+        if other[name].shape != tensor.shape:
+            raise UsageError(f"{name} has shape {tuple(other[name].shape)}, "
+                             f"not {tuple(tensor.shape)} as in {ref_file}", str(file))
