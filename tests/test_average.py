@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from fapecli.cli import app
@@ -60,7 +60,9 @@ def test_cli_weighted_average_and_refusals(two_models, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     sa, sb, avg = (load_file(str(p / "model.safetensors")) for p in (a, b, out))
     name = "embed.1.weight"
-    assert torch.equal(avg[name], (0.25 * sa[name].double() + 0.75 * sb[name].double()).half())
+    assert torch.equal(avg[name], ((sa[name].double() + 3 * sb[name].double()) / 4).half())
+    shares = json.loads((out / "config.json").read_text())["extra"]["average_of"]
+    assert [p["weight"] for p in shares] == [0.25, 0.75]
 
     before = (a / "model.safetensors").read_bytes()
     for args, message in (
@@ -69,6 +71,7 @@ def test_cli_weighted_average_and_refusals(two_models, tmp_path: Path) -> None:
         (["-o", str(tmp_path / "x"), "--weights", "1"], "1 weights for 2 models"),
         (["-o", str(tmp_path / "x"), "--weights", "1,z"], "not a list of numbers"),
         (["-o", str(tmp_path / "x"), "--weights", "1,-1"], "non-negative"),
+        (["-o", str(tmp_path / "x"), "--weights", "nan,1"], "finite"),
     ):
         result = runner.invoke(app, ["weights", "average", str(a), str(b), *args])
         assert result.exit_code == 2, args
@@ -76,11 +79,23 @@ def test_cli_weighted_average_and_refusals(two_models, tmp_path: Path) -> None:
     assert (a / "model.safetensors").read_bytes() == before
     assert not (tmp_path / "x").exists()
 
+    # --overwrite replaces the folder as a whole (the uniform mix, not 1:3, afterwards) ...
+    (out / "config.json").unlink()
     again = runner.invoke(app, ["weights", "average", str(b), str(a), "-o", str(out),
                                 "--overwrite"])
     assert again.exit_code == 0, again.output
-    swapped = json.loads((out / "config.json").read_text())["extra"]["average_of"]
-    assert swapped[0]["model"] == str(b)
+    avg = load_file(str(out / "model.safetensors"))
+    assert torch.equal(avg[name], ((sb[name].double() + sa[name].double()) / 2).half())
+    assert json.loads((out / "config.json").read_text())["extra"]["average_of"][0]["model"] \
+        == str(b)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "w"]
+    assert (out.stat().st_mode & 0o777) == (a.stat().st_mode & 0o777)
+    # ... but never a folder holding anything else
+    (out / "notes.txt").write_text("mine")
+    refused = runner.invoke(app, ["weights", "average", str(a), str(b), "-o", str(out),
+                                  "--overwrite"])
+    assert refused.exit_code == 2 and "holds more than a model" in refused.output
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_models_of_different_shapes_are_refused(two_models, tmp_path: Path) -> None:
@@ -88,6 +103,22 @@ def test_models_of_different_shapes_are_refused(two_models, tmp_path: Path) -> N
     create_model("fape-tiny", blocks=(1, 1, 1, 2)).save_pretrained(tmp_path / "deep")
     with pytest.raises(UsageError, match=r"config differs .* blocks"):
         average_models([a, tmp_path / "deep"], tmp_path / "out")
+    # same config, one tensor of another shape (a hand-edited file)
+    state = load_file(str(a / "model.safetensors"))
+    state["embed.1.weight"] = state["embed.1.weight"][:1].clone()
+    (tmp_path / "cut").mkdir()
+    save_file(state, str(tmp_path / "cut" / "model.safetensors"))
+    (tmp_path / "cut" / "config.json").write_text((a / "config.json").read_text())
+    with pytest.raises(UsageError, match=r"embed\.1\.weight has shape") as err:
+        average_models([a, tmp_path / "cut"], tmp_path / "out")
+    assert str(tmp_path / "cut") in str(err.value)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(UsageError, match="only one of it and"):
+        average_models([a, tmp_path / "bad"], tmp_path / "out")
+    (tmp_path / "bad" / "config.json").write_text((a / "config.json").read_text())
+    with pytest.raises(UsageError, match="not a readable safetensors"):
+        average_models([a, tmp_path / "bad"], tmp_path / "out")
     with pytest.raises(UsageError, match="no model weights"):
         average_models([a, tmp_path / "missing"], tmp_path / "out")
     with pytest.raises(UsageError, match="at least two"):
@@ -102,3 +133,21 @@ def test_mean_tensor_keeps_integers_and_casts() -> None:
     assert torch.equal(mean_tensor([torch.tensor([5]), torch.tensor([5])]), torch.tensor([5]))
     with pytest.raises(ValueError, match="integer"):
         mean_tensor([torch.tensor([5]), torch.tensor([6])])
+
+
+def test_warm_start_average_of_three_is_the_plain_mean(tmp_path: Path) -> None:
+    """``model.warm_start=A,B,C`` starts from sum/3 computed in float64, exactly as the
+    average that v14 started from was made."""
+    from fapecli.training.loop import warm_start
+
+    folders = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        create_model("fape-tiny").save_pretrained(tmp_path / str(seed))
+        folders.append(tmp_path / str(seed))
+    target = create_model("fape-tiny")
+    warm_start(target, ",".join(map(str, folders)))
+    states = [load_file(str(f / "model.safetensors")) for f in folders]
+    for name, value in target.state_dict().items():
+        plain = (sum(s[name].double() for s in states) / 3).to(value.dtype)
+        assert torch.equal(value, plain), name

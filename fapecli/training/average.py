@@ -9,6 +9,7 @@ average of float16 models is a float16 model of the same size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ import torch
 from fapecli.errors import FapeError, UsageError
 from fapecli.execution.compact import CONFIG_NAME, WEIGHTS_NAME
 
+_MODEL_FILES = (WEIGHTS_NAME, CONFIG_NAME)  # all that a replaceable output folder may hold
+
 
 def weights_file(source: str | Path, what: str = "model") -> Path:
     """The safetensors file of a model folder (or the file itself); a clear error if absent."""
@@ -31,31 +34,31 @@ def weights_file(source: str | Path, what: str = "model") -> Path:
     return file
 
 
-def normalise_weights(weights: Sequence[float] | None, count: int) -> list[float]:
-    """Mixing weights for ``count`` models: uniform by default, else non-negative, summing
-    to 1 after scaling (``0.3,0.7`` and ``3,7`` are the same mix)."""
+def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """Mixing weights for ``count`` models: 1 each by default, else finite, non-negative and
+    not all zero (``0.3,0.7`` and ``3,7`` are the same mix)."""
     if weights is None:
-        return [1.0 / count] * count
+        return [1.0] * count
     if len(weights) != count:
         raise UsageError(f"{len(weights)} weights for {count} models")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise UsageError("weights must be non-negative and not all zero")
-    total = float(sum(weights))
-    return [w / total for w in weights]
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise UsageError("weights must be finite, non-negative and not all zero")
+    return [float(w) for w in weights]
 
 
 def mean_tensor(values: Sequence[torch.Tensor], weights: Sequence[float] | None = None,
                 dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weighted mean of same-shaped tensors in float64, cast to ``dtype`` (default: the
-    first tensor's). Integer tensors (counters, indices) must agree and are kept as they are."""
+    """The weighted mean ``sum(w v) / sum(w)`` of same-shaped tensors in float64, cast to
+    ``dtype`` (default: the first tensor's). Integer tensors (counters, indices) must agree
+    and are kept as they are."""
     first = values[0]
     if not first.is_floating_point():
         if any(not torch.equal(v, first) for v in values[1:]):
             raise ValueError("integer tensors differ between the models")
         return first.clone()
-    mix = normalise_weights(weights, len(values))
-    mean = sum(w * v.double() for w, v in zip(mix, values, strict=True))
-    return mean.to(dtype or first.dtype)
+    mix = check_weights(weights, len(values))
+    total = sum(w * v.double() for w, v in zip(mix, values, strict=True))
+    return (total / sum(mix)).to(dtype or first.dtype)
 
 
 def average_models(sources: Sequence[str | Path], out: str | Path, *,
@@ -64,72 +67,106 @@ def average_models(sources: Sequence[str | Path], out: str | Path, *,
 
     The models must hold the same tensors with the same shapes, and their ``config.json``
     must agree on everything but ``extra``. ``out`` gets their ``config.json`` with
-    ``extra.average_of`` listing each source (its path, weight and training record), and a
-    ``model.safetensors`` whose metadata carries that config, like ``save_pretrained``.
-    ``out`` is written beside itself under a temporary name and then moved into place; it may
-    not be one of the sources, and an existing ``out`` is replaced only with ``overwrite``.
+    ``extra.average_of`` listing each source (its path, share of the mix and training
+    record), and a ``model.safetensors`` whose metadata carries that config, like
+    ``save_pretrained``. The folder is written under a temporary name beside ``out`` and
+    renamed into place. ``out`` may not be one of the sources; an existing ``out`` is replaced
+    only with ``overwrite``, and only when it holds nothing but a model's two files.
     """
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
 
     if len(sources) < 2:
         raise UsageError("averaging needs at least two models")
-    mix = normalise_weights(weights, len(sources))
+    mix = check_weights(weights, len(sources))
     files = [weights_file(s) for s in sources]
     target = Path(out)
     if any(target.resolve() in (f.resolve(), f.parent.resolve()) for f in files):
         raise UsageError("the output would overwrite one of the models averaged", str(target))
-    if target.exists() and not overwrite:
-        raise UsageError("already exists (--overwrite replaces it)", str(target))
-    if target.exists() and not target.is_dir():
-        raise UsageError("not a folder", str(target))
+    if target.exists():
+        if not overwrite:
+            raise UsageError("already exists (--overwrite replaces it)", str(target))
+        if not target.is_dir():
+            raise UsageError("exists and is not a folder", str(target))
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in _MODEL_FILES)
+        if foreign:
+            raise UsageError(f"holds more than a model ({', '.join(foreign[:3])}); "
+                             "not replacing it", str(target))
 
     configs = [_read_config(f) for f in files]
     core = [{k: v for k, v in c.items() if k != "extra"} for c in configs]
     for file, c in zip(files[1:], core[1:], strict=True):
         if c != core[0]:
+            if not c or not core[0]:
+                raise UsageError(f"only one of it and {files[0]} has a {CONFIG_NAME}", str(file))
             diff = sorted(k for k in set(c) | set(core[0]) if c.get(k) != core[0].get(k))
-            raise UsageError(f"config differs from {files[0]} in {', '.join(diff)}", str(file))
+            more = ", ..." if len(diff) > 4 else ""
+            raise UsageError(f"config differs from {files[0]} in {', '.join(diff[:4])}{more}",
+                             str(file))
 
-    states = [load_file(str(f)) for f in files]
+    states = [_load(f) for f in files]
     for file, state in zip(files[1:], states[1:], strict=True):
         _check_same_tensors(states[0], state, file, files[0])
     averaged = {}
     for name in states[0]:
+        values = [s[name] for s in states]
         try:
-            averaged[name] = mean_tensor([s[name] for s in states], mix).contiguous()
+            averaged[name] = mean_tensor(values, mix).contiguous()
         except ValueError as exc:
-            raise UsageError(f"{name}: {exc}", str(files[1])) from None
+            odd = next(f for f, v in zip(files, values, strict=True)
+                       if not torch.equal(v, values[0]))
+            raise UsageError(f"{name}: {exc}", str(odd)) from None
 
     config: dict[str, Any] = dict(configs[0])
-    if config:
-        config["extra"] = {"average_of": [
-            {"model": str(src), "weight": w, **_provenance(c)}
-            for src, w, c in zip(sources, mix, configs, strict=True)]}
     with safe_open(str(files[0]), framework="pt") as f:
         metadata = dict(f.metadata() or {})
-    text = json.dumps(config, indent=2)
+    metadata.pop("config", None)  # the first model's own; the average gets its own below
     if config:
-        metadata["config"] = text
+        config["extra"] = {"average_of": [
+            {"model": str(src), "weight": w / sum(mix), **_provenance(c)}
+            for src, w, c in zip(sources, mix, configs, strict=True)]}
+        metadata["config"] = json.dumps(config, indent=2)
+    _write_folder(target, averaged, metadata, config)
+    return target
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+def _write_folder(target: Path, state: dict[str, torch.Tensor], metadata: dict[str, str],
+                  config: dict[str, Any]) -> None:
+    """Write the model folder under a temporary name beside ``target``, then swap it in (an
+    existing ``target`` is moved aside first and removed once the new one is in place)."""
+    from safetensors.torch import save_file
+
+    tmp = old = None
     try:
-        save_file(averaged, str(tmp / WEIGHTS_NAME), metadata=metadata or None)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a model folder is not
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata=metadata or None)
         if config:
-            (tmp / CONFIG_NAME).write_text(text + "\n")
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if target.exists():
-            for item in tmp.iterdir():
-                os.replace(item, target / item.name)
-            tmp.rmdir()
-        else:
-            os.replace(tmp, target)
+            old = target.with_name(f"{tmp.name}.old")
+            os.replace(target, old)
+        os.replace(tmp, target)
     except OSError as exc:
+        if old is not None and old.exists() and not target.exists():
+            os.replace(old, target)  # put the previous model back
         raise FapeError(f"cannot write the average: {exc.strerror or exc}", str(target)) from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _load(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except (OSError, SafetensorError) as exc:
+        raise UsageError(f"not a readable safetensors file ({exc})", str(file)) from None
 
 
 def _read_config(weights: Path) -> dict[str, Any]:

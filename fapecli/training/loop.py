@@ -122,8 +122,9 @@ def warm_start(model: nn.Module, source: str | Path) -> str:
     its ``base.``); returns a report line.
 
     ``source`` may name several folders separated by commas: then a tensor takes the uniform
-    average of the folders' values (a weight average of models fine-tuned from one parent),
-    and only when every folder holds it with the model's shape.
+    average of the folders' values (a weight average of models fine-tuned from one parent,
+    :func:`~fapecli.training.average.mean_tensor`), and only when every folder holds it with
+    the model's shape; integer tensors take the first folder's values.
     """
     from safetensors.torch import load_file
 
