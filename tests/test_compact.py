@@ -202,3 +202,23 @@ def test_light_blocks_start_as_the_identity_and_learn() -> None:
     assert grown.light_enc[0].beta.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="light_blocks"):
         FapeSConfig(light_blocks=(1,))
+
+
+def test_refine_head_starts_as_the_identity_and_learns() -> None:
+    """A refinement head grown onto a trained model leaves its output unchanged at first (zero
+    output conv) and gets gradients, so training can use it."""
+    torch.manual_seed(0)
+    base = create_model("fape-tiny").eval()
+    _randomise_experts(base)
+    grown = create_model("fape-tiny", head_channels=8, head_blocks=2).eval()
+    missing, unexpected = grown.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("head.") for k in missing)
+    x = torch.rand(1, 3, 32, 48)
+    plan = plan_for_task("denoise")
+    with torch.no_grad():
+        assert torch.equal(grown(x, plan), base(x, plan))
+    grown.train()
+    (grown(x, plan) - x.flip(-1)).square().mean().backward()
+    assert grown.head.project_out.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="head_channels"):
+        FapeSConfig(head_channels=2, head_blocks=1)

@@ -458,6 +458,29 @@ def test_adapters_only_trains_lora_routers_and_plan_encoder(image_dir: Path) -> 
     assert len(select_trainable(model, "all")) == len(list(model.parameters()))
 
 
+def test_head_only_training_leaves_the_rest_as_it_was(image_dir: Path, tmp_path: Path) -> None:
+    """``model.train_params=head`` grows a refinement head onto a warm start and trains it
+    alone: every other tensor of the exported model equals the source's."""
+    from fapecli.execution.compact import create_model
+    from fapecli.training.loop import select_trainable
+
+    torch.manual_seed(3)
+    create_model("fape-tiny").save_pretrained(tmp_path / "src")
+    args = ("schedule.steps=3", "loss.adv=0", "schedule.val_every=0", "schedule.ckpt_every=0",
+            "optim.d0=1e-2", f"model.warm_start='{tmp_path / 'src'}'",
+            "model.overrides={head_channels=8,head_blocks=1}", "model.train_params=head")
+    result = train_quiet(tiny(image_dir, tmp_path / "run", *args))
+    src, out = _tensors(tmp_path / "src" / "model.safetensors"), _tensors(
+        result.final_dir / "model.safetensors")
+    head = [k for k in out if k.startswith("head.")]
+    assert head and set(out) - set(head) == set(src)
+    for k in src:
+        assert torch.equal(out[k], src[k].half()), k
+    assert out["head.project_out.weight"].abs().sum() > 0  # the head itself moved
+    with pytest.raises(UsageError, match="leaves nothing to train"):
+        select_trainable(create_model("fape-tiny"), "head")
+
+
 def test_warm_start_averages_several_folders(tmp_path: Path) -> None:
     """``a,b`` starts from the mean of two models; a tensor only one of them holds with the
     model's shape stays fresh."""
@@ -482,6 +505,11 @@ def test_warm_start_averages_several_folders(tmp_path: Path) -> None:
     assert only_a and all(torch.equal(tgt[k], fresh[k]) for k in only_a)
     with pytest.raises(UsageError, match="warm_start"):
         warm_start(target, f"{tmp_path / 'a'},{tmp_path / 'missing'}")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UsageError, match="not a readable safetensors file") as err:
+        warm_start(target, tmp_path / "bad")
+    assert "bad" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_warm_start_copies_matching_tensors(image_dir: Path, tmp_path: Path) -> None:

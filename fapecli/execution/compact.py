@@ -75,6 +75,10 @@ class FapeSConfig:
     # light (NAFNet-style, local: no attention or FFT) blocks on the top level, before its
     # downsampling and after its decoder; they start as the identity (zero layer scales)
     light_blocks: tuple[int, int] = (0, 0)
+    # a refinement head on the top level (see RefineHead): its width (0 = none) and its light
+    # blocks; it starts as the identity, so it can grow onto a trained model
+    head_channels: int = 0
+    head_blocks: int = 0
     heads: tuple[int, ...] = (1, 1, 2, 4)
     ffn_expansion: float = 1.5
     gate_expansion: float = 2.0  # GatedDA hidden = gate_expansion * C/2
@@ -102,6 +106,10 @@ class FapeSConfig:
             raise ValueError("decoder_blocks needs one entry per level except the last")
         if len(self.light_blocks) != 2 or min(self.light_blocks) < 0:
             raise ValueError("light_blocks needs two counts: (encoder, decoder) of the top level")
+        if self.head_channels < 0 or self.head_blocks < 0 or (
+                self.head_blocks and self.head_channels < 4):
+            raise ValueError("head_channels (>= 4 with head_blocks) and head_blocks must not be "
+                             "negative")
         for c, h in zip(self.channels, self.heads, strict=True):
             if c % 4 or (c // 2) % h:
                 raise ValueError(f"channels {c} must be a multiple of 4 and C/2 of heads {h}")
@@ -341,6 +349,27 @@ class LightBlock(nn.Module):
         return x + self.gamma * self.ffn_out(self.gate(self.ffn_in(self.norm2(x))))
 
 
+class RefineHead(nn.Module):
+    """A correction of the predicted residual on the top level (pixel-unshuffled, before the
+    output's pixel shuffle), from the decoder's features, the input and that residual: 1x1 to
+    ``c``, light blocks, 3x3 to the residual's channels. Its output conv starts at zero, so a
+    model grown with a head restores exactly as it did; trained alone (``model.train_params =
+    "head"``) it adds full-detail capacity without retraining the rest."""
+
+    def __init__(self, c_feat: int, c_res: int, c: int, blocks: int) -> None:
+        super().__init__()
+        self.project_in = conv1x1(c_feat + 2 * c_res, c)
+        self.blocks = nn.Sequential(*[LightBlock(c) for _ in range(blocks)])
+        self.project_out = nn.Conv2d(c, c_res, 3, padding=1)
+        nn.init.zeros_(self.project_out.weight)
+        nn.init.zeros_(self.project_out.bias)
+
+    def forward(self, feat: torch.Tensor, image: torch.Tensor,
+                residual: torch.Tensor) -> torch.Tensor:
+        x = self.project_in(torch.cat([feat, image, residual], 1))
+        return residual + self.project_out(self.blocks(x))
+
+
 class Down(nn.Sequential):
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__(nn.PixelUnshuffle(2), conv1x1(4 * c_in, c_out, bias=False))
@@ -390,6 +419,9 @@ class FapeS(nn.Module):
         with torch.no_grad():  # start close to the identity (output = input + small residual)
             self.out[0].weight.mul_(OUT_INIT_SCALE)
             self.out[0].bias.zero_()
+        c_res = cfg.in_channels * s * s
+        self.head = (RefineHead(ch[0], c_res, cfg.head_channels, cfg.head_blocks)
+                     if cfg.head_channels else None)
         self.cond = PlanEncoder(cfg.cond_dim)
         match = target_matcher(list(cfg.moe_targets))
         self.moe_layers = inject_lora_moe(
@@ -439,7 +471,8 @@ class FapeS(nn.Module):
         return (xp + residual.to(x.dtype))[..., :h, :w]
 
     def _body(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.light_enc(self.embed(x))
+        unshuffled = self.embed[0](x)
+        f = self.light_enc(self.embed[1](unshuffled))
         skips = []
         for enc, down in zip(self.encoders, self.downs, strict=True):
             f = enc(f)
@@ -449,7 +482,11 @@ class FapeS(nn.Module):
         for i in reversed(range(len(skips))):
             f = self.ups[i](f)
             f = self.decoders[i](self.reduces[i](torch.cat([f, skips[i]], 1)))
-        return self.out(self.refine(self.light_dec(f)))
+        f = self.refine(self.light_dec(f))
+        residual = self.out[0](f)
+        if self.head is not None:
+            residual = self.head(f, unshuffled, residual)
+        return self.out[1](residual)
 
     @torch.no_grad()
     def restore(self, image: torch.Tensor, plan: Plan | None = None, *, tile: int | None = None,
@@ -534,8 +571,6 @@ def flops_per_megapixel(model: FapeS, size: int = 256) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     return counter.get_total_flops() * 1e6 / (size * size)
-
-
 
 
 def seconds_per_megapixel(model: FapeS, size: int = 1024, threads: int | None = 2,

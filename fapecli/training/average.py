@@ -103,7 +103,7 @@ def average_models(sources: Sequence[str | Path], out: str | Path, *,
             raise UsageError(f"config differs from {files[0]} in {', '.join(diff[:4])}{more}",
                              str(file))
 
-    states = [_load(f) for f in files]
+    states = [load_weights(f) for f in files]
     for file, state in zip(files[1:], states[1:], strict=True):
         _check_same_tensors(states[0], state, file, files[0])
     averaged = {}
@@ -159,7 +159,8 @@ def _write_folder(target: Path, state: dict[str, torch.Tensor], metadata: dict[s
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _load(file: Path) -> dict[str, torch.Tensor]:
+def load_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; an unreadable file is a one-line UsageError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

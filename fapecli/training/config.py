@@ -32,7 +32,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PERCEPTUAL_KINDS = ("lpips", "msssim", "fft", "none")
 ADV_KINDS = ("hinge", "ns")
 DISC_BACKBONES = ("auto", "siglip", "conv")
-TRAIN_PARAMS = ("all", "adapters")
+TRAIN_PARAMS = ("all", "adapters", "head")
 EXECUTORS = ("compact", "flux")
 
 
@@ -73,7 +73,9 @@ class ModelConfig:
     # (a different depth or MoE placement is fine; the rest starts fresh); "a,b,c" starts
     # from the uniform weight average of several such folders
     warm_start: str = ""
-    train_params: str = "all"  # "all" (from scratch) or "adapters" (LoRA experts/routers/plan)
+    # "all" (from scratch), "adapters" (LoRA experts/routers/plan) or "head" (the compact
+    # executor's refinement head alone, the rest frozen: FapeSConfig.head_channels)
+    train_params: str = "all"
     base: str = "flux.1-dev"  # flux: weights.toml name or folder with transformer/ and vae/
 
 

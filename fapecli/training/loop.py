@@ -9,7 +9,8 @@ Per step: the generator (the executor) restores a batch of lq crops conditioned 
 plans; its loss is :func:`~fapecli.training.losses.generator_loss`; from ``loss.adv_start`` on
 the discriminator is trained on (gt, restored) and its logits enter the generator's loss.
 Generator: Prodigy (only trainable parameters: everything, or with ``model.train_params =
-"adapters"`` the LoRA experts, routers and plan encoder), linear warm-up then cosine of its lr
+"adapters"`` the LoRA experts, routers and plan encoder, or with ``"head"`` the compact
+executor's refinement head), linear warm-up then cosine of its lr
 multiplier; discriminator: AdamW with cosine annealing; gradient clipping for both; an EMA of
 the generator is validated (PSNR/SSIM on the Y channel of the fixed validation set), saved in
 checkpoints and exported as ``<out_dir>/final`` in float16. bf16 autocast on CUDA only.
@@ -126,12 +127,10 @@ def warm_start(model: nn.Module, source: str | Path) -> str:
     :func:`~fapecli.training.average.mean_tensor`), and only when every folder holds it with
     the model's shape; integer tensors take the first folder's values.
     """
-    from safetensors.torch import load_file
-
-    from fapecli.training.average import mean_tensor, weights_file
+    from fapecli.training.average import load_weights, mean_tensor, weights_file
 
     files = [weights_file(part.strip(), "model.warm_start") for part in str(source).split(",")]
-    srcs = [{_plain_name(k): v for k, v in load_file(str(f)).items()} for f in files]
+    srcs = [{_plain_name(k): v for k, v in load_weights(f).items()} for f in files]
     state = model.state_dict()
     copied = 0
     with torch.no_grad():
@@ -178,7 +177,8 @@ def build_flux(cfg: ModelConfig, *, device: torch.device | None = None,
 
 
 def select_trainable(model: nn.Module, mode: str) -> list[nn.Parameter]:
-    """Set ``requires_grad`` for ``mode`` ("all" or "adapters") and return those parameters."""
+    """Set ``requires_grad`` for ``mode`` ("all", "adapters" or "head") and return those
+    parameters."""
     from fapecli.execution.conditioning import PlanEncoder
     from fapecli.execution.moe import FrequencyAwareLoRAMoE
 
@@ -193,6 +193,8 @@ def select_trainable(model: nn.Module, mode: str) -> list[nn.Parameter]:
         if hasattr(model, "adapter_parameters"):  # projectors etc. of a FLUX executor
             for p in model.adapter_parameters():
                 p.requires_grad_(True)
+    elif mode == "head" and getattr(model, "head", None) is not None:
+        model.head.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UsageError(f"model.train_params={mode!r} leaves nothing to train in this model")
