@@ -488,6 +488,7 @@ def restore(
             "seconds": round(restored.seconds, 4),
             "tiles": restored.tiles,
             "skipped": restored.skipped,
+            "expert": restored.expert,
         }
         if explain:
             record["routing"] = restored.routing_summary.get("overall")

@@ -31,6 +31,7 @@ class Restored:
     seconds: float
     tiles: int = 0
     skipped: str | None = None  # "clean" when the plan found nothing to restore
+    expert: str | None = None  # the task expert that restored it (None: the base model)
     routing: np.ndarray | None = None  # high-band expert share per pixel (preview size)
     routing_summary: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # e.g. the Qwen planner fell back
@@ -184,6 +185,11 @@ def restore_image(
     if plan.task == NONE:
         return Restored(image.with_pixels(image.pixels), plan, time.perf_counter() - start,
                         skipped="clean", warnings=notes)
+    expert = None
+    if hasattr(model, "for_plan"):  # task experts: the plan picks the network
+        chosen = model.for_plan(plan)
+        expert = None if chosen is model.base else plan.task
+        model = chosen
     x = prepare_input(_to_tensor(image.rgb, model), plan)
     tokens = model.plan_tokens(plan) if hidden is None else model.plan_tokens(plan, hidden)
     tile = tile or getattr(model, "default_tile", None)
@@ -204,7 +210,7 @@ def restore_image(
     if image.is_grey:
         out = out.mean(axis=2, keepdims=True)
     restored = Restored(image.with_pixels(out), plan, time.perf_counter() - start,
-                        tiles=result.tiles, warnings=notes)
+                        tiles=result.tiles, expert=expert, warnings=notes)
     if explain:
         restored.routing, restored.routing_summary = routing_preview(model, x, tokens)
     return restored

@@ -16,14 +16,18 @@ from fapecli.weights import ModelEntry
 def build_executor(
     entry: ModelEntry, files: dict[str, Path], device: torch.device, dtype: torch.dtype
 ) -> torch.nn.Module:
-    """A compact executor from its folder (config.json + model.safetensors) or weights file."""
-    from fapecli.execution.compact import FapeS
+    """A compact executor from its folder (config.json + model.safetensors) or weights file,
+    with the task experts beside it (`fapecli.execution.experts`)."""
+    from safetensors import SafetensorError
 
-    weights = next((p for name, p in files.items() if name.endswith(".safetensors")), None)
+    from fapecli.execution.experts import EXPERTS_DIR, load_compact
+
+    weights = next((p for name, p in files.items() if name.endswith(".safetensors")
+                    and f"{EXPERTS_DIR}/" not in name), None)
     path = weights if weights is not None else next(iter(files.values()))
     try:
-        return FapeS.from_pretrained(path, dtype=dtype, device=device)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        return load_compact(path, dtype=dtype, device=device)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsError(f"cannot load executor {entry.name!r}: {first}", path) from None
 
