@@ -9,7 +9,7 @@ import platform
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +38,7 @@ class ModelRef:
     name: str  # as given (a manifest name or a folder)
     weights: Path  # the .safetensors file
     sha256: str
+    experts: dict[str, str] = field(default_factory=dict)  # task expert -> its sha256
 
     @property
     def label(self) -> str:
@@ -62,11 +63,16 @@ def resolve_model(name: str) -> ModelRef:
             files = locate(get_model(name))
         except WeightsError as exc:
             raise BenchError(f"model {name!r} is not available ({exc}); {hint}") from None
-        found = [p for rel, p in files.items() if rel.endswith(".safetensors")]
+        found = [p for rel, p in files.items()
+                 if rel.endswith(".safetensors") and "experts/" not in rel]
         if not found:
             raise BenchError(f"model {name!r} has no .safetensors file in weights.toml; {hint}")
         weights = found[0]
-    return ModelRef(name, weights, sha256_file(weights))
+    from fapecli.execution.experts import expert_folders
+
+    experts = {task: sha256_file(folder / "model.safetensors")
+               for task, folder in expert_folders(weights.parent).items()}
+    return ModelRef(name, weights, sha256_file(weights), experts)
 
 
 def cpu_model() -> str:

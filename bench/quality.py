@@ -827,6 +827,9 @@ def header(info: dict[str, Any]) -> list[str]:
         lines.append(f"- Model: {model['label']} (`{model['weights']}`), sha256 "
                      f"`{model['sha256']}`, {model['parameters']:,} parameters, "
                      f"device {model['device']}, {model['dtype']}")
+        for task, sha in (model.get("experts") or {}).items():
+            lines.append(f"- Task expert `{task}` (used when the plan is {task} alone): sha256 "
+                         f"`{sha}`")
     else:
         lines.append("- Model: not run (--no-model)")
     if not info["planner"]:
@@ -913,7 +916,8 @@ def load(args: argparse.Namespace, ref: ModelRef | None) -> tuple[Any, dict[str,
     target = args.model if not Path(args.model).exists() else str(Path(args.model))
     model = load_model(target, device=args.device, precision=args.precision)
     return model, {"name": args.model, "label": ref.label, "weights": str(ref.weights),
-                   "sha256": ref.sha256, "parameters": count_parameters(model),
+                   "sha256": ref.sha256, "experts": ref.experts,
+                   "parameters": count_parameters(getattr(model, "base", model)),
                    "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
 
 

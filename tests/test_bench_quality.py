@@ -76,3 +76,19 @@ def test_seed_cache_skips_sets_made_by_an_older_generator(quality, tmp_path, mon
     new.write_text(json.dumps({"sets": [report(blur, {"blur": 2})]}))
     assert quality.seed_cache(new, [blur]) == 1
     assert quality.Cache(blur, enabled=True).get(quality.baselines_for(blur)[0])
+
+
+def test_the_model_reference_names_task_experts(quality, tmp_path: Path) -> None:
+    """A benchmarked model folder with experts records each expert's sha256 beside its own."""
+    import torch
+
+    from fapecli.execution.compact import create_model
+    from fapecli.weights import sha256_file
+
+    torch.manual_seed(0)
+    create_model("fape-tiny").save_pretrained(tmp_path / "m")
+    create_model("fape-tiny").save_pretrained(tmp_path / "m" / "experts" / "denoise")
+    ref = quality.resolve_model(str(tmp_path / "m"))
+    assert ref.weights == tmp_path / "m" / "model.safetensors"
+    want = sha256_file(tmp_path / "m" / "experts" / "denoise" / "model.safetensors")
+    assert ref.experts == {"denoise": want} and ref.sha256 != want
