@@ -39,6 +39,7 @@ class ModelRef:
     weights: Path  # the .safetensors file
     sha256: str
     experts: dict[str, str] = field(default_factory=dict)  # task expert -> its sha256
+    expert_weights: dict[str, Path] = field(default_factory=dict)  # task expert -> its file
 
     @property
     def label(self) -> str:
@@ -49,6 +50,7 @@ class ModelRef:
 def resolve_model(name: str) -> ModelRef:
     """Find a model's weights (a manifest name or a checkpoint folder) or raise BenchError."""
     from fapecli.errors import WeightsError
+    from fapecli.execution.experts import expert_folders, expert_task
     from fapecli.weights import get_model, locate, sha256_file
 
     path = Path(name)
@@ -58,21 +60,23 @@ def resolve_model(name: str) -> ModelRef:
         weights = path / "model.safetensors" if path.is_dir() else path
         if not weights.is_file():
             raise BenchError(f"model {name!r}: no weights at {weights}; {hint}")
+        try:  # a folder: the experts on disk beside it
+            listed = {t: f / "model.safetensors" for t, f in expert_folders(weights.parent).items()}
+        except WeightsError as exc:
+            raise BenchError(f"model {name!r}: {exc}") from None
     else:
         try:
             files = locate(get_model(name))
         except WeightsError as exc:
             raise BenchError(f"model {name!r} is not available ({exc}); {hint}") from None
         found = [p for rel, p in files.items()
-                 if rel.endswith(".safetensors") and "experts/" not in rel]
+                 if rel.endswith(".safetensors") and not expert_task(rel)]
         if not found:
             raise BenchError(f"model {name!r} has no .safetensors file in weights.toml; {hint}")
         weights = found[0]
-    from fapecli.execution.experts import expert_folders
-
-    experts = {task: sha256_file(folder / "model.safetensors")
-               for task, folder in expert_folders(weights.parent).items()}
-    return ModelRef(name, weights, sha256_file(weights), experts)
+        listed = {t: p for rel, p in files.items() if (t := expert_task(rel))}  # as listed
+    experts = {t: sha256_file(f) for t, f in sorted(listed.items())}
+    return ModelRef(name, weights, sha256_file(weights), experts, dict(sorted(listed.items())))
 
 
 def cpu_model() -> str:

@@ -193,16 +193,20 @@ def repeated(label: str, image: Path, args: argparse.Namespace) -> list[Run]:
     return runs
 
 
-def model_stats(ref: ModelRef) -> dict[str, Any]:
-    """Parameter count and forward FLOPs per megapixel (counted on 256x256)."""
+def model_stats(ref: ModelRef, task: str) -> dict[str, Any]:
+    """Parameter count and forward FLOPs per megapixel (counted on 256x256) of the network
+    that restores ``task`` (its task expert when the model has one)."""
     import torch
 
     from fapecli.execution.compact import FapeS, count_parameters, flops_per_megapixel
+    from fapecli.tasks import normalize_task
 
     torch.set_num_threads(1)
-    model = FapeS.from_pretrained(ref.weights, device="cpu")
+    task = normalize_task(task)
+    model = FapeS.from_pretrained(ref.expert_weights.get(task, ref.weights), device="cpu")
     return {"parameters": count_parameters(model), "flops_per_mp": flops_per_megapixel(model),
-            "preset": model.config.name}
+            "preset": model.config.name, "experts": ref.experts,
+            "timed_network": f"{task} expert" if task in ref.experts else "base"}
 
 
 # ---------------------------------------------------------------------------- report
@@ -280,7 +284,10 @@ def write_reports(info: dict[str, Any], out: Path) -> None:
         f"start; Python {m['python']}, torch {m['torch']}",
         f"- Model: {model['label']} (`{model['weights']}`), sha256 `{model['sha256']}`, "
         f"preset {model['preset']}, {model['parameters']:,} parameters, "
-        f"{model['flops_per_mp'] / 1e9:.2f} GFLOP per megapixel (forward, counted on 256x256)",
+        f"{model['flops_per_mp'] / 1e9:.2f} GFLOP per megapixel (forward, counted on 256x256)"
+        + (f"; timed network: the {model['timed_network']} (experts: "
+           f"{', '.join(f'{t} sha256 `{h}`' for t, h in model['experts'].items())})"
+           if model.get("experts") else ""),
         f"- Timed command (child process): `{info['timed_command']}` with "
         f"{env} (torch threads {info['threads']})",
         "- wall s: the whole command; start-up: the same command on a 64x64 image "
@@ -355,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info |= {
         "model": {"name": args.model, "label": ref.label, "weights": str(ref.weights),
-                  "sha256": ref.sha256, **model_stats(ref)},
+                  "sha256": ref.sha256, **model_stats(ref, args.task)},
         "timed_command": f"fape restore IN -o OUT --model {args.model} --task {args.task} "
                          f"--device cpu --json --overwrite"
                          + (f" --tile {args.tile}" if args.tile else ""),

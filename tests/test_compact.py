@@ -221,4 +221,4 @@ def test_refine_head_starts_as_the_identity_and_learns() -> None:
     (grown(x, plan) - x.flip(-1)).square().mean().backward()
     assert grown.head.project_out.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="head_channels"):
-        FapeSConfig(head_channels=2, head_blocks=1)
+        FapeSConfig(head_channels=0, head_blocks=1)

@@ -62,8 +62,15 @@ def test_a_single_task_plan_routes_to_its_expert(routed: Path, photo: np.ndarray
         np.testing.assert_array_equal(got.image.pixels,
                                       restore_image(image, alone, task=task).image.pixels)
     # the two networks differ, so the routing is visible in the output
-    plain = restore_image(image, net, plan=mixed).image.pixels
-    assert np.abs(plain - restore_image(image, net, task="denoise").image.pixels).max() > 1e-3
+    routed_out = restore_image(image, net, task="denoise").image.pixels
+    assert np.abs(routed_out - restore_image(image, base, task="denoise").image.pixels).max() > 1e-3
+    # called directly with one plan, the wrapper routes too; with tokens alone it is the base
+    x = torch.from_numpy(photo[:32, :48]).permute(2, 0, 1)[None].contiguous()
+    plan = Plan(task="denoise", band="high")
+    with torch.no_grad():
+        assert torch.equal(net(x, plan), expert(x, plan))
+        tokens = base.plan_tokens(plan)
+        assert torch.equal(net(x, tokens=tokens), base(x, tokens=tokens))
 
 
 def test_the_cli_restores_with_experts(routed: Path, photo: np.ndarray, tmp_path: Path) -> None:
@@ -90,7 +97,39 @@ def test_a_model_without_experts_loads_as_itself(tmp_path: Path) -> None:
     assert expert_folders(tmp_path / "plain") == {}
 
 
+def test_a_manifest_model_has_the_experts_it_lists(tmp_path: Path, monkeypatch) -> None:
+    """From weights.toml, only listed experts load (each found and checked as a file of the
+    model); an expert folder on disk that the manifest does not list is not used."""
+    root = tmp_path / "weights"
+    _tiny(0).save_pretrained(root / "toy")
+    _tiny(1).save_pretrained(root / "toy" / "experts" / "denoise")
+    _tiny(2).save_pretrained(root / "toy" / "experts" / "derain")  # on disk, not listed
+    listed = ["toy/config.json", "toy/model.safetensors", "toy/experts/denoise/config.json",
+              "toy/experts/denoise/model.safetensors"]
+    body = '[models.toy]\nkind = "executor"\n' + "".join(
+        f'[[models.toy.files]]\npath = "{f}"\n' for f in listed)
+    (tmp_path / "weights.toml").write_text(body, encoding="utf-8")
+    monkeypatch.setenv("FAPE_WEIGHTS_MANIFEST", str(tmp_path / "weights.toml"))
+    monkeypatch.setenv("FAPE_WEIGHTS", str(root))
+    net = loader.load_model("toy", device="cpu")
+    assert isinstance(net, TaskExperts) and set(net.experts) == {"denoise"}
+    # a listed expert that is missing is the manifest's usual missing-file error
+    shutil.rmtree(root / "toy" / "experts" / "denoise")
+    loader.clear_cache()
+    with pytest.raises(WeightsError, match="experts/denoise"):
+        loader.load_model("toy", device="cpu")
+
+
+def test_a_corrupt_base_is_a_one_line_error(routed: Path) -> None:
+    (routed / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(WeightsError, match="cannot load executor") as err:
+        loader.load_model(routed, device="cpu")
+    assert "\n" not in str(err.value)
+
+
 def test_bad_expert_folders_are_clear_errors(routed: Path) -> None:
+    (routed / "experts" / ".ipynb_checkpoints").mkdir()  # hidden folders are skipped
+    assert set(load_compact(routed).experts) == {"denoise"}
     shutil.copytree(routed / "experts" / "denoise", routed / "experts" / "sharpen")
     with pytest.raises(WeightsError, match="named after a task") as err:
         load_compact(routed)

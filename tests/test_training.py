@@ -507,7 +507,7 @@ def test_warm_start_averages_several_folders(tmp_path: Path) -> None:
         warm_start(target, f"{tmp_path / 'a'},{tmp_path / 'missing'}")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(UsageError, match="not a readable safetensors file") as err:
+    with pytest.raises(UsageError, match=r"model\.warm_start: not a readable safetensors") as err:
         warm_start(target, tmp_path / "bad")
     assert "bad" in str(err.value) and "\n" not in str(err.value)
 

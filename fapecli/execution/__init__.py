@@ -12,6 +12,7 @@ from fapecli.execution.compact import (
     prepare_input,
 )
 from fapecli.execution.conditioning import PlanEncoder, plan_for_task, plan_tokens
+from fapecli.execution.experts import TaskExperts, load_compact
 from fapecli.execution.moe import (
     EXPERTS,
     FrequencyAwareLoRAMoE,
@@ -33,12 +34,14 @@ __all__ = [
     "FapeSConfig",
     "FrequencyAwareLoRAMoE",
     "PlanEncoder",
+    "TaskExperts",
     "TiledOutput",
     "collect_moe_layers",
     "count_parameters",
     "create_model",
     "get_config",
     "inject_lora_moe",
+    "load_compact",
     "moe_regulariser",
     "plan_context",
     "plan_for_task",

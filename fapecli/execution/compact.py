@@ -106,10 +106,10 @@ class FapeSConfig:
             raise ValueError("decoder_blocks needs one entry per level except the last")
         if len(self.light_blocks) != 2 or min(self.light_blocks) < 0:
             raise ValueError("light_blocks needs two counts: (encoder, decoder) of the top level")
-        if self.head_channels < 0 or self.head_blocks < 0 or (
-                self.head_blocks and self.head_channels < 4):
-            raise ValueError("head_channels (>= 4 with head_blocks) and head_blocks must not be "
-                             "negative")
+        if self.head_channels < 0 or self.head_blocks < 0:
+            raise ValueError("head_channels and head_blocks must not be negative")
+        if self.head_blocks and not self.head_channels:
+            raise ValueError("head_blocks needs head_channels >= 1 (the head's width)")
         for c, h in zip(self.channels, self.heads, strict=True):
             if c % 4 or (c // 2) % h:
                 raise ValueError(f"channels {c} must be a multiple of 4 and C/2 of heads {h}")

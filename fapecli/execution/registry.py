@@ -17,17 +17,20 @@ def build_executor(
     entry: ModelEntry, files: dict[str, Path], device: torch.device, dtype: torch.dtype
 ) -> torch.nn.Module:
     """A compact executor from its folder (config.json + model.safetensors) or weights file,
-    with the task experts beside it (`fapecli.execution.experts`)."""
+    with its task experts (`fapecli.execution.experts`): for a weights.toml model, those its
+    file list names; for a folder given as a path, those on disk beside it."""
     from safetensors import SafetensorError
 
-    from fapecli.execution.experts import EXPERTS_DIR, load_compact
+    from fapecli.execution.experts import expert_task, load_compact
 
-    weights = next((p for name, p in files.items() if name.endswith(".safetensors")
-                    and f"{EXPERTS_DIR}/" not in name), None)
+    experts = {t: p.parent for name, p in files.items() if (t := expert_task(name))}
+    weights = next((p for name, p in files.items()
+                    if name.endswith(".safetensors") and not expert_task(name)), None)
     path = weights if weights is not None else next(iter(files.values()))
     try:
-        return load_compact(path, dtype=dtype, device=device)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        return load_compact(path, experts=None if "" in files else experts, dtype=dtype,
+                            device=device)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsError(f"cannot load executor {entry.name!r}: {first}", path) from None
 

@@ -159,15 +159,17 @@ def _write_folder(target: Path, state: dict[str, torch.Tensor], metadata: dict[s
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-def load_weights(file: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors; an unreadable file is a one-line UsageError."""
+def load_weights(file: Path, what: str = "") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; an unreadable file is a one-line UsageError (prefixed
+    with ``what``, the option that named it, when given)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(str(file))
     except (OSError, SafetensorError) as exc:
-        raise UsageError(f"not a readable safetensors file ({exc})", str(file)) from None
+        prefix = f"{what}: " if what else ""
+        raise UsageError(f"{prefix}not a readable safetensors file ({exc})", str(file)) from None
 
 
 def _read_config(weights: Path) -> dict[str, Any]:

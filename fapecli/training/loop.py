@@ -130,7 +130,8 @@ def warm_start(model: nn.Module, source: str | Path) -> str:
     from fapecli.training.average import load_weights, mean_tensor, weights_file
 
     files = [weights_file(part.strip(), "model.warm_start") for part in str(source).split(",")]
-    srcs = [{_plain_name(k): v for k, v in load_weights(f).items()} for f in files]
+    srcs = [{_plain_name(k): v for k, v in load_weights(f, "model.warm_start").items()}
+            for f in files]
     state = model.state_dict()
     copied = 0
     with torch.no_grad():
