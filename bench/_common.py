@@ -75,8 +75,9 @@ def resolve_model(name: str) -> ModelRef:
             raise BenchError(f"model {name!r} has no .safetensors file in weights.toml; {hint}")
         weights = found[0]
         listed = {t: p for rel, p in files.items() if (t := expert_task(rel))}  # as listed
-    experts = {t: sha256_file(f) for t, f in sorted(listed.items())}
-    return ModelRef(name, weights, sha256_file(weights), experts, dict(sorted(listed.items())))
+    listed = dict(sorted(listed.items()))
+    experts = {t: sha256_file(f) for t, f in listed.items()}
+    return ModelRef(name, weights, sha256_file(weights), experts, listed)
 
 
 def cpu_model() -> str:

@@ -15,6 +15,13 @@ class FapeError(Exception):
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-empty line (its type name when it has no message), for
+    one-line errors wrapping a library's multi-line ones."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class ImageError(FapeError):
     """A file could not be read or written as an image."""
 

@@ -129,3 +129,10 @@ def test_loader_builds_once_per_key(tmp_path: Path, monkeypatch) -> None:
     c = loader.load_model("counter", device="cpu", precision="bf16")
     assert a is b and a is not c and len(calls) == 2
     loader.clear_cache()
+
+
+def test_first_line_of_a_library_error() -> None:
+    from fapecli.errors import first_line
+
+    assert first_line(OSError("\n  no such file\nTraceback details")) == "no such file"
+    assert first_line(KeyError()) == "KeyError"

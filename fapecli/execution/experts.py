@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fapecli.errors import WeightsError
+from fapecli.errors import WeightsError, first_line
 from fapecli.execution.compact import WEIGHTS_NAME, FapeS, FapeSConfig
 from fapecli.planning.plan import Plan
 from fapecli.tasks import TASK_NAMES
@@ -134,8 +134,8 @@ def load_compact(path: str | Path, *, experts: Mapping[str, Path] | None = None,
         try:
             loaded[task] = FapeS.from_pretrained(folder, dtype=dtype, device=device)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise WeightsError(f"cannot load the {task} expert: {first}", folder) from None
+            raise WeightsError(f"cannot load the {task} expert: {first_line(exc)}",
+                               folder) from None
     return TaskExperts(base, loaded).eval()
 
 

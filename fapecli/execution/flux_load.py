@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fapecli.errors import WeightsError
+from fapecli.errors import WeightsError, first_line
 from fapecli.execution.flux import FluxAdapterConfig, FluxExecutor, read_adapter_config
 from fapecli.execution.memory import Estimate, check_fits, folder_params
 
@@ -114,8 +114,8 @@ def load_flux_base(transformer_dir: Path, vae_dir: Path, device: torch.device,
                                                              torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(f"cannot load the FLUX base: {first}", transformer_dir.parent) from None
+        raise WeightsError(f"cannot load the FLUX base: {first_line(exc)}",
+                           transformer_dir.parent) from None
     return transformer.to(device).eval(), vae.to(device).eval()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fapecli.errors import WeightsError
+from fapecli.errors import WeightsError, first_line
 from fapecli.loader import register_builder
 from fapecli.weights import ModelEntry
 
@@ -31,8 +31,8 @@ def build_executor(
         return load_compact(path, experts=None if "" in files else experts, dtype=dtype,
                             device=device)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(f"cannot load executor {entry.name!r}: {first}", path) from None
+        raise WeightsError(f"cannot load executor {entry.name!r}: {first_line(exc)}",
+                           path) from None
 
 
 def _flux(entry: ModelEntry, device: torch.device, dtype: torch.dtype, **kw) -> torch.nn.Module:
@@ -42,8 +42,7 @@ def _flux(entry: ModelEntry, device: torch.device, dtype: torch.dtype, **kw) -> 
     try:
         return build(device=device, dtype=dtype, **kw)
     except (FileNotFoundError, ValueError, KeyError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(f"cannot load FLUX executor {entry.name!r}: {first}") from None
+        raise WeightsError(f"cannot load FLUX executor {entry.name!r}: {first_line(exc)}") from None
 
 
 @register_builder("flux-base")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fapecli.errors import FapeError, UsageError, WeightsError
+from fapecli.errors import FapeError, UsageError, WeightsError, first_line
 from fapecli.loader import register_builder
 from fapecli.planning import DEFAULT_QWEN_MODEL as DEFAULT_MODEL
 from fapecli.planning.features import FeaturePool, extract_features
@@ -421,8 +421,8 @@ class QwenPlanner:
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 str(folder), dtype=dtype, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise WeightsError(f"cannot load Qwen planner {name!r}: {first}", folder) from None
+            raise WeightsError(f"cannot load Qwen planner {name!r}: {first_line(exc)}",
+                               folder) from None
         model.to(torch.device(device)).eval()
         return cls(model, processor, name=name, config=config)
 
