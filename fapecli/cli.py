@@ -7,6 +7,7 @@ worked, 1 when some inputs failed (the batch goes on), 2 for usage errors, 130 o
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -746,7 +747,8 @@ def weights_list(json_out: Json = False, quiet: Quiet = False) -> None:
     for entry in load_manifest().values():
         paths = [find_file(entry, f) for f in entry.files]
         present = all(p is not None for p in paths)
-        where = str(paths[-1].parent) if paths and paths[-1] is not None else ""
+        found = [p.parent for p in paths if p is not None]
+        where = os.path.commonpath(found) if found else ""  # the model's folder, experts and all
         record = {
             "name": entry.name,
             "kind": entry.kind,

@@ -43,6 +43,8 @@ def test_weights_list_json() -> None:
     names = {r["name"] for r in records}
     assert "fape-s" in names
     assert set(records[0]) >= {"name", "kind", "present", "path", "licence"}
+    fape_s = next(r for r in records if r["name"] == "fape-s")
+    assert fape_s["present"] and Path(fape_s["path"]).name == "fape-s"  # not an expert's folder
 
 
 def _write_photo(path, photo) -> None:
