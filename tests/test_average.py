@@ -98,6 +98,19 @@ def test_cli_weighted_average_and_refusals(two_models, tmp_path: Path) -> None:
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_config_saved_before_a_field_existed_matches_its_default(two_models, tmp_path) -> None:
+    a, b = two_models
+    config = json.loads((a / "config.json").read_text())
+    assert config["head_channels"] == 0
+    del config["head_channels"], config["head_blocks"]  # as in a config.json from before the head
+    (a / "config.json").write_text(json.dumps(config))
+    average_models([a, b], tmp_path / "ab")
+    config["refine_blocks"] = 1  # a real difference is still refused
+    (a / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match=r"config differs .* refine_blocks"):
+        average_models([a, b], tmp_path / "ab2")
+
+
 def test_models_of_different_shapes_are_refused(two_models, tmp_path: Path) -> None:
     a, _ = two_models
     create_model("fape-tiny", blocks=(1, 1, 1, 2)).save_pretrained(tmp_path / "deep")

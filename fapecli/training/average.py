@@ -14,13 +14,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fapecli.errors import FapeError, UsageError
-from fapecli.execution.compact import CONFIG_NAME, WEIGHTS_NAME
+from fapecli.execution.compact import CONFIG_NAME, WEIGHTS_NAME, FapeS, FapeSConfig
 
 _MODEL_FILES = (WEIGHTS_NAME, CONFIG_NAME)  # all that a replaceable output folder may hold
 
@@ -93,7 +94,7 @@ def average_models(sources: Sequence[str | Path], out: str | Path, *,
                              "not replacing it", str(target))
 
     configs = [_read_config(f) for f in files]
-    core = [{k: v for k, v in c.items() if k != "extra"} for c in configs]
+    core = [_comparable(c) for c in configs]
     for file, c in zip(files[1:], core[1:], strict=True):
         if c != core[0]:
             if not c or not core[0]:
@@ -181,6 +182,16 @@ def _read_config(weights: Path) -> dict[str, Any]:
         return json.loads(file.read_text())
     except (OSError, ValueError) as exc:
         raise UsageError(f"unreadable config: {exc}", str(file)) from None
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config without ``extra``; a compact executor's gets the defaults of fields added after
+    it was saved (v15 has no ``head_channels``; its fine-tunes write ``head_channels: 0``)."""
+    core = {k: v for k, v in config.items() if k != "extra"}
+    if core.get("_class_name") != FapeS.__name__:
+        return core
+    defaults = {f.name: f.default for f in fields(FapeSConfig) if f.default is not MISSING}
+    return json.loads(json.dumps(defaults)) | core  # tuples as the lists config.json holds
 
 
 def _provenance(config: dict[str, Any]) -> dict[str, Any]:
