@@ -98,13 +98,17 @@ def test_cli_weighted_average_and_refusals(two_models, tmp_path: Path) -> None:
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_a_config_saved_before_a_field_existed_matches_its_default(two_models, tmp_path) -> None:
+def test_configs_differing_only_in_dtype_or_a_newer_default_average(two_models, tmp_path) -> None:
     a, b = two_models
     config = json.loads((a / "config.json").read_text())
     assert config["head_channels"] == 0
     del config["head_channels"], config["head_blocks"]  # as in a config.json from before the head
     (a / "config.json").write_text(json.dumps(config))
-    average_models([a, b], tmp_path / "ab")
+    torch.manual_seed(3)
+    create_model("fape-tiny").save_pretrained(tmp_path / "c32")  # a float32 checkpoint
+    out = average_models([a, b, tmp_path / "c32"], tmp_path / "ab")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    assert load_file(str(out / "model.safetensors"))["embed.1.weight"].dtype == torch.float16
     config["refine_blocks"] = 1  # a real difference is still refused
     (a / "config.json").write_text(json.dumps(config))
     with pytest.raises(UsageError, match=r"config differs .* refine_blocks"):

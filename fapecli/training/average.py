@@ -185,9 +185,10 @@ def _read_config(weights: Path) -> dict[str, Any]:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A config without ``extra``; a compact executor's gets the defaults of fields added after
-    it was saved (v15 has no ``head_channels``; its fine-tunes write ``head_channels: 0``)."""
-    core = {k: v for k, v in config.items() if k != "extra"}
+    """A config without ``extra`` and ``torch_dtype`` (the average takes the first model's); a
+    compact executor's gets the defaults of fields added after it was saved (v15 has no
+    ``head_channels``; its fine-tunes write ``head_channels: 0``)."""
+    core = {k: v for k, v in config.items() if k not in ("extra", "torch_dtype")}
     if core.get("_class_name") != FapeS.__name__:
         return core
     defaults = {f.name: f.default for f in fields(FapeSConfig) if f.default is not MISSING}
