@@ -66,13 +66,14 @@ def average_models(sources: Sequence[str | Path], out: str | Path, *,
                    weights: Sequence[float] | None = None, overwrite: bool = False) -> Path:
     """Write the (weighted) average of model folders ``sources`` to the folder ``out``.
 
-    The models must hold the same tensors with the same shapes, and their ``config.json``
-    must agree on everything but ``extra`` and ``torch_dtype`` (see :func:`_comparable`).
-    ``out`` gets their ``config.json`` with ``extra.average_of`` listing each source (its
-    path, share of the mix and training record), and a ``model.safetensors`` whose metadata
-    carries that config, like ``save_pretrained``. The folder is written under a temporary name beside ``out`` and
-    renamed into place. ``out`` may not be one of the sources; an existing ``out`` is replaced
-    only with ``overwrite``, and only when it holds nothing but a model's two files.
+    The models must hold the same tensors with the same shapes, and their ``config.json`` must
+    agree on everything but ``extra`` and ``torch_dtype`` (see :func:`_comparable`). ``out``
+    gets their ``config.json`` with ``extra.average_of`` listing each source (its path, share
+    of the mix and training record), and a ``model.safetensors`` whose metadata carries that
+    config, like ``save_pretrained``. The folder is written under a temporary name beside
+    ``out`` and renamed into place. ``out`` may not be one of the sources; an existing ``out``
+    is replaced only with ``overwrite``, and only when it holds nothing but a model's two
+    files.
     """
     from safetensors import safe_open
 
